@@ -1,0 +1,125 @@
+"""RetinaNet classification / regression heads, mirroring torchvision.models.detection.retinanet.
+
+Names follow torchvision's (new, version 2) state_dict: ``conv.1.0`` (conv) / ``conv.1.1``
+(GroupNorm, v2) -> ``conv_1_0`` / ``conv_1_1``; ``cls_logits``; ``bbox_reg``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+PRIOR_PROBABILITY = 0.01
+# RetinaNetClassificationHead: cls_logits bias = -log((1 - p) / p) so every score starts at p.
+CLS_PRIOR_BIAS = -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY)
+head_kernel_init = nn.initializers.normal(stddev=0.01)
+
+
+def cls_bias_init(key: Any, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
+    """Prior-probability bias of the final class conv (torchvision's RetinaNetClassificationHead)."""
+    del key
+    return jnp.full(shape, CLS_PRIOR_BIAS, dtype)
+
+
+def _tower(
+    features: Sequence[Array],
+    out_features: int,
+    final_name: str,
+    final_bias_init: Any,
+    group_norm: bool,
+    dtype: Any,
+) -> list[Array]:
+    """4 x Conv2dNormActivation(C, C) then a final 3x3 conv to ``out_features``, shared over levels.
+
+    v1: conv3x3 (bias) + ReLU; v2: conv3x3 (no bias) + GroupNorm(32, eps 1e-5) + ReLU. Called inside
+    a head's compact ``__call__`` so the layers are that head's direct children (``conv_0_0`` ...).
+    Returns one [B, h_l, w_l, out_features] array per level, in dtype.
+    """
+    c = features[0].shape[-1]
+
+    def conv(n_out: int, name: str, use_bias: bool, bias_init: Any = nn.initializers.zeros) -> nn.Conv:
+        return nn.Conv(
+            n_out,
+            (3, 3),
+            padding=((1, 1), (1, 1)),
+            use_bias=use_bias,
+            dtype=dtype,
+            param_dtype=jnp.float32,
+            kernel_init=head_kernel_init,
+            bias_init=bias_init,
+            name=name,
+        )
+
+    layers = []
+    for i in range(4):
+        layers.append(conv(c, f"conv_{i}_0", use_bias=not group_norm))
+        if group_norm:
+            layers.append(
+                nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=f"conv_{i}_1")
+            )
+        layers.append(nn.relu)
+    final = conv(out_features, final_name, use_bias=True, bias_init=final_bias_init)
+    outs = []
+    for x in features:
+        for layer in layers:
+            x = layer(x)
+        outs.append(final(x))
+    return outs
+
+
+def _flatten_levels(outs: Sequence[Array], last: int) -> Array:
+    # torchvision views (N, A*K, H, W) as (N, A, K, H, W) and permutes to (N, H, W, A, K): channel
+    # a*K + k. NHWC already has that channel order last, so a reshape gives [B, H*W*A, K].
+    return jnp.concatenate([o.reshape(o.shape[0], -1, last) for o in outs], axis=1).astype(jnp.float32)
+
+
+class RetinaNetClassificationHead(nn.Module):
+    """Mirrors RetinaNetClassificationHead: features [B,h,w,C] per level -> f32 [B, sum(h*w*A), K]."""
+
+    num_classes: int
+    num_anchors: int = 9
+    group_norm: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence[Array]) -> Array:
+        outs = _tower(
+            features, self.num_anchors * self.num_classes, "cls_logits", cls_bias_init, self.group_norm, self.dtype
+        )
+        return _flatten_levels(outs, self.num_classes)
+
+
+class RetinaNetRegressionHead(nn.Module):
+    """Mirrors RetinaNetRegressionHead: features [B,h,w,C] per level -> f32 [B, sum(h*w*A), 4]."""
+
+    num_anchors: int = 9
+    group_norm: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence[Array]) -> Array:
+        outs = _tower(features, self.num_anchors * 4, "bbox_reg", nn.initializers.zeros, self.group_norm, self.dtype)
+        return _flatten_levels(outs, 4)
+
+
+class RetinaNetHead(nn.Module):
+    """Mirrors RetinaNetHead: -> {"cls_logits": f32 [B, A, K], "bbox_regression": f32 [B, A, 4]}."""
+
+    num_classes: int
+    num_anchors: int = 9
+    group_norm: bool = False
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, features: Sequence[Array]) -> dict[str, Array]:
+        cls = RetinaNetClassificationHead(
+            self.num_classes, self.num_anchors, self.group_norm, self.dtype, name="classification_head"
+        )
+        reg = RetinaNetRegressionHead(self.num_anchors, self.group_norm, self.dtype, name="regression_head")
+        return {"cls_logits": cls(features), "bbox_regression": reg(features)}

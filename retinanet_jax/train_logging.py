@@ -1,0 +1,161 @@
+"""Training-run output: ``metrics.jsonl``, TensorBoard events, progress bar / log lines, table.
+
+``metrics.jsonl`` holds one JSON object per line, ``{"step": int, name: float, ...}``. When a run
+resumes from step ``s``, lines after ``s`` (written by the interrupted run, whose later steps
+are recomputed) are dropped, and TensorBoard is told to purge them too, so both show one
+trajectory. Only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from typing import Any, Optional
+
+from etils import epath
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _finite(values: dict[str, float]) -> dict[str, float]:
+    # JSON has no NaN/inf; a NaN would make the line unreadable for strict parsers.
+    return {k: float(v) for k, v in values.items() if math.isfinite(float(v))}
+
+
+class MetricWriter:
+    """Appends ``{"step", **values}`` lines to ``workdir/metrics.jsonl`` and TensorBoard scalars."""
+
+    def __init__(self, workdir: str | epath.PathLike, *, start_step: int = 0, enabled: bool = True):
+        self.enabled = enabled
+        self.path = epath.Path(workdir) / METRICS_FILE
+        self._tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            self._truncate_after(start_step)
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            log.warning("tensorboardX is not installed: no TensorBoard events (pip install tensorboardX)")
+        else:
+            # purge_step hides events >= it that an interrupted run wrote past its checkpoint.
+            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"),
+                                     purge_step=start_step + 1 if start_step else None)
+
+    def _truncate_after(self, step: int) -> None:
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn last line of a killed run
+        tmp = self.path.parent / f".{self.path.name}.tmp"
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.rename(self.path)
+
+    def write(self, step: int, values: dict[str, float]) -> None:
+        """Record ``values`` at ``step`` (NaN / inf are left out of the JSON line)."""
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": int(step), **_finite(values)}) + "\n")
+        if self._tb is not None:
+            for name, value in values.items():
+                self._tb.add_scalar(name, float(value), int(step))
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+class Progress:
+    """A tqdm bar (images/s, ETA) on a terminal; plain log lines otherwise."""
+
+    def __init__(self, start_step: int, total_steps: int, global_batch_size: int, *,
+                 enabled: bool = True, tty: Optional[bool] = None):
+        self.total, self.batch = total_steps, global_batch_size
+        self.enabled = enabled
+        self._t0, self._s0 = time.monotonic(), start_step
+        self._step = start_step
+        self._window = (time.monotonic(), start_step)
+        self._bar = None
+        if enabled and (sys.stderr.isatty() if tty is None else tty):
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                tqdm = None
+            if tqdm is not None:
+                self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
+                                 dynamic_ncols=True, smoothing=0.1)
+
+    def advance(self, step: int) -> None:
+        """``step`` steps are done."""
+        self._step = step
+        if self._bar is not None:
+            self._bar.update(step - self._bar.n)
+
+    def images_per_sec(self) -> float:
+        """Images per second since the previous call (i.e. over the last log interval)."""
+        now = time.monotonic()
+        t_prev, s_prev = self._window
+        self._window = (now, self._step)
+        return (self._step - s_prev) * self.batch / max(now - t_prev, 1e-9)
+
+    def report(self, step: int, values: dict[str, float]) -> None:
+        """Show the latest training values (bar postfix or one log line with ETA)."""
+        if not self.enabled:
+            return
+        short = {k.split("/")[-1]: v for k, v in values.items()}
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{short.get('loss', float('nan')):.4f}",
+                                  img_s=f"{short.get('images_per_sec', 0.0):.1f}", refresh=False)
+            return
+        elapsed = time.monotonic() - self._t0
+        done = step - self._s0
+        eta = elapsed / done * (self.total - step) if done else float("nan")
+        log.info("step %d/%d  loss %.4f  cls %.4f  box %.4f  lr %.3g  %.1f img/s  ETA %s",
+                 step, self.total, short.get("loss", math.nan), short.get("classification", math.nan),
+                 short.get("bbox_regression", math.nan), short.get("lr", math.nan),
+                 short.get("images_per_sec", math.nan), _hms(eta))
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            log.info("%s", text)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def format_table(step: int, metrics: dict[str, Any], class_names: list[str]) -> str:
+    """Final metrics as a plain-text table (COCO summary, then AP per class)."""
+    lines = [f"Final metrics at step {step}", "-" * 40]
+    for key in ("eval/AP", "eval/AP50", "eval/AP75", "eval/APs", "eval/APm", "eval/APl",
+                "train/loss", "train/images_per_sec"):
+        if key in metrics:
+            lines.append(f"{key:<24}{metrics[key]:>12.4f}")
+    per_class = [(n, metrics[f"eval/AP/{n}"]) for n in class_names if f"eval/AP/{n}" in metrics]
+    if per_class:
+        lines += ["-" * 40, "AP per class"]
+        lines += [f"  {name:<22}{ap:>12.4f}" for name, ap in per_class]
+    return "\n".join(lines)

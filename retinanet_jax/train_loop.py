@@ -1,0 +1,277 @@
+"""``train_and_evaluate(config, workdir)``: the training program ``train.py`` runs.
+
+Builds the data sources and the train pipeline, the model (from scratch, a torchvision
+RetinaNet or an ImageNet ResNet), the sharded train state and step; then trains with periodic
+COCO evaluation and checkpoints. Rerunning the same command resumes from the last complete
+checkpoint (state + data position), so an interrupted run ends where an uninterrupted one does.
+
+Outputs in ``workdir``: ``checkpoints/`` (orbax), ``metrics.jsonl`` (one JSON object per line:
+``step`` plus named values; evaluation values are ``eval/AP`` ...), ``tensorboard/`` event
+files, ``detections.json`` (latest COCO results) and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from retinanet_jax import evaluation, parallel
+from retinanet_jax.checkpoint import Checkpointer, config_to_dict
+from retinanet_jax.data import (CocoJsonSource, CsvSource, ShapesSource, TfdsSource,
+                                TrainBatchIterator, VocXmlSource)
+from retinanet_jax.models.retinanet import RetinaNet
+from retinanet_jax.optim import OptimConfig, make_optimizer
+from retinanet_jax.train_logging import MetricWriter, Progress, format_table
+from retinanet_jax.training import NonFiniteError, create_train_state, make_train_step
+
+log = logging.getLogger(__name__)
+
+SOURCES = {"shapes": ShapesSource, "coco_json": CocoJsonSource, "voc_xml": VocXmlSource,
+           "csv": CsvSource, "tfds": TfdsSource}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+EVAL_KEYS = evaluation.COCO_METRICS
+
+
+# ------------------------------------------------------------------------------ data
+
+
+class NonEmptySubset:
+    """The examples of a record-based source that have at least one box (torchvision's
+    ``_coco_remove_images_without_annotations`` for training)."""
+
+    def __init__(self, source: Any):
+        self.source = source
+        self.indices = [i for i, r in enumerate(source.records) if len(r.labels) > 0]
+        self.class_names = source.class_names
+        if hasattr(source, "label_to_category_id"):
+            self.label_to_category_id = source.label_to_category_id
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.source[self.indices[i]]
+
+    def image_size(self, i: int) -> Optional[tuple[int, int]]:
+        return self.source.image_size(self.indices[i])
+
+
+def build_sources(config: Any) -> tuple[Any, Any]:
+    """(train, val) sources from ``config.dataset``; val uses train's class order."""
+    name = config.dataset.source
+    if name not in SOURCES:
+        raise ValueError(f"config.dataset.source must be one of {sorted(SOURCES)}, got {name!r}")
+    cls = SOURCES[name]
+    train_kw, val_kw = dict(config.dataset.train), dict(config.dataset.val)
+    try:
+        train = cls(**train_kw)
+        if name == "voc_xml" and "class_names" not in val_kw:
+            val_kw["class_names"] = list(train.class_names)  # the val XMLs may lack a class
+        val = cls(**val_kw)
+    except TypeError as e:  # unknown keyword in config.dataset.train / .val
+        raise TypeError(f"config.dataset.train / config.dataset.val do not fit {cls.__name__}: {e}") from e
+    if list(val.class_names) != list(train.class_names):
+        raise ValueError(f"config.dataset.val has classes {list(val.class_names)} but "
+                         f"config.dataset.train has {list(train.class_names)}; they must be equal "
+                         "(same label order)")
+    if config.dataset.drop_empty_train:
+        if hasattr(train, "records"):
+            train = NonEmptySubset(train)
+        else:
+            log.warning("config.dataset.drop_empty_train: %s cannot count boxes without decoding; "
+                        "empty images are kept", type(train).__name__)
+    return train, val
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def build_model(config: Any, num_classes: int, *, pretrained: bool = True) -> tuple[RetinaNet, dict]:
+    """(model, variables): torchvision RetinaNet / ImageNet backbone weights or a fresh init.
+
+    ``pretrained=False`` (resuming: the checkpoint overwrites every weight) skips reading the
+    ``.pth`` files but builds the same structure.
+    """
+    m, init = config.model, config.init
+    if init.retinanet_checkpoint and init.backbone_checkpoint:
+        raise ValueError("set config.init.retinanet_checkpoint or config.init.backbone_checkpoint, not both")
+    frozen_bn = m.frozen_bn
+    bn_eps = m.bn_eps
+    if pretrained and (init.retinanet_checkpoint or init.backbone_checkpoint):
+        from retinanet_jax import torchvision_port as port
+
+        if m.fpn_channels != 256:
+            raise ValueError(f"config.model.fpn_channels={m.fpn_channels}: torchvision weights have 256")
+        skipped: list = []
+        if init.retinanet_checkpoint:
+            model, variables = port.from_torchvision(
+                init.retinanet_checkpoint, m.variant, num_classes=num_classes, backbone=m.backbone,
+                frozen_bn=frozen_bn, report=skipped, seed=config.seed)
+        else:
+            model, variables = port.backbone_from_torchvision(
+                init.backbone_checkpoint, num_classes=num_classes, variant=m.variant,
+                backbone=m.backbone, bn_eps=bn_eps, frozen_bn=frozen_bn, report=skipped,
+                seed=config.seed)
+        if skipped:
+            log.info("initial weights: not loaded (re-initialised): %s", skipped)
+        return model, variables
+    model = RetinaNet(num_classes=num_classes, variant=m.variant, backbone=m.backbone, bn_eps=bn_eps,
+                      frozen_bn=frozen_bn, fpn_channels=m.fpn_channels)
+    variables = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, 64, 64, 3), jnp.float32))
+    return model, variables
+
+
+# ------------------------------------------------------------------------------ the program
+
+
+def _config_changes(saved: Optional[dict], current: dict) -> list[str]:
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    a, b = flat(saved), flat(current)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def _prefixed_eval(metrics: dict) -> dict[str, float]:
+    out = {f"eval/{k}": float(metrics[k]) for k in EVAL_KEYS}
+    out.update({f"eval/AP/{name}": ap for name, ap in metrics["per_class_AP"].items() if np.isfinite(ap)})
+    return out
+
+
+def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
+    """Train, evaluate and checkpoint in ``workdir``; resume there if a checkpoint exists.
+
+    Returns the final metrics (``eval/AP`` ... and the last logged ``train/loss``). Raises
+    ``FloatingPointError`` naming the step on a non-finite loss (no checkpoint is written for
+    it; earlier ones are intact).
+    """
+    workdir = epath.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    train_src, val_src = build_sources(config)
+    class_names = [str(c) for c in train_src.class_names]
+    num_classes = config.model.num_classes or len(class_names)
+    if num_classes < len(class_names):
+        raise ValueError(f"config.model.num_classes={num_classes} < {len(class_names)} dataset classes")
+    if config.model.compute_dtype not in DTYPES:
+        raise ValueError(f"config.model.compute_dtype must be one of {sorted(DTYPES)}")
+    mesh = parallel.make_mesh(model=config.mesh.model)
+    local_batch = parallel.local_batch_size(config.batch_size, mesh)
+
+    ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
+                        async_save=config.checkpoint.async_save)
+    resume_step = ckpt.latest_step()
+    model, variables = build_model(config, num_classes, pretrained=resume_step is None)
+    inp = config.input
+    pipeline = TrainBatchIterator(
+        train_src, batch_size=local_batch, seed=config.seed, min_sizes=tuple(inp.min_sizes),
+        max_size=inp.max_size, buckets=inp.buckets, max_boxes=inp.max_boxes,
+        hflip_prob=inp.hflip_prob, box_overflow=inp.box_overflow,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        worker_count=inp.worker_count)
+    steps_per_epoch = pipeline.steps_per_epoch
+    num_steps = config.num_steps or config.optim.epochs * steps_per_epoch
+    eval_every = config.eval.every_steps or steps_per_epoch
+    ckpt_every = config.checkpoint.every_steps or steps_per_epoch
+    tx, schedule = make_optimizer(OptimConfig.from_mapping(config.optim), steps_per_epoch, config.batch_size)
+    state = create_train_state(model, variables, tx, config.model.trainable_backbone_layers,
+                               mesh=mesh, schedule=schedule)
+    # Two equal leaves can share one buffer here (optax's zero Adam moments mu / nu did, and
+    # device_put keeps that); the train step donates the state, which needs distinct buffers.
+    state = jax.tree.map(jnp.copy, state)
+    del variables
+    config_dict = config_to_dict(config)
+    last_eval: Optional[dict] = None
+    if resume_step is not None:
+        restored = ckpt.restore(state)
+        if restored.class_names is not None and list(restored.class_names) != class_names:
+            raise ValueError(f"{workdir / 'checkpoints'} was trained on classes {restored.class_names}, "
+                             f"the dataset has {class_names}; use a new --workdir")
+        changed = _config_changes(restored.config, config_dict)
+        if changed:
+            log.warning("resuming with a config that differs from the checkpoint's in: %s", changed)
+        state = restored.state
+        pipeline.set_state(restored.data_state or {"epoch": 0, "position": 0})
+        last_eval = restored.extra.get("eval")
+        log.info("resumed from step %d (%s)", restored.step, workdir / "checkpoints")
+    elif is_main:
+        evaluation.write_json_atomic(config_dict, workdir / "config.json")
+
+    dtype = DTYPES[config.model.compute_dtype]
+    step_fn = make_train_step(model, mesh, dict(config.loss), compute_dtype=dtype,
+                              skip_nonfinite=config.skip_nonfinite)
+    eval_kw = dict(mesh=mesh, batch_size=config.eval.batch_size, min_size=config.eval.min_size,
+                   max_size=config.eval.max_size, buckets=config.eval.buckets,
+                   max_images=config.eval.max_images, score_thresh=config.eval.score_thresh,
+                   topk_candidates=config.eval.topk_candidates, nms_thresh=config.eval.nms_thresh,
+                   detections_per_img=config.eval.detections_per_img,
+                   output_path=workdir / evaluation.DETECTIONS_FILE if is_main else None)
+
+    def run_eval(at_step: int) -> dict:
+        metrics = evaluation.evaluate(step_fn.model, state.variables, val_src, **eval_kw)
+        values = _prefixed_eval(metrics)
+        writer.write(at_step, values)
+        progress.message(f"step {at_step}: eval AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}")
+        return {"step": at_step, **values}
+
+    step = int(state.step)
+    writer = MetricWriter(workdir, start_step=step, enabled=is_main)
+    progress = Progress(step, num_steps, config.batch_size, enabled=is_main)
+    pending: list[dict] = []
+    last_train: dict[str, float] = {}
+    try:
+        while step < num_steps:
+            batch = next(pipeline)
+            try:
+                state, metrics = step_fn(state, batch)
+            except NonFiniteError as e:
+                ckpt.wait()
+                raise FloatingPointError(
+                    f"{e}. No checkpoint was written for it; the latest complete checkpoint "
+                    f"(step {ckpt.latest_step()}) is intact in {workdir / 'checkpoints'}") from e
+            step += 1
+            pending.append(metrics)
+            progress.advance(step)
+            if step % config.log_every_steps == 0 or step == num_steps:
+                fetched = jax.device_get(pending)
+                pending = []
+                last_train = {f"train/{k}": float(np.mean([m[k] for m in fetched]))
+                              for k in ("loss", "classification", "bbox_regression", "grad_norm")}
+                last_train["train/lr"] = float(fetched[-1]["lr"])
+                last_train["train/images_per_sec"] = progress.images_per_sec()
+                writer.write(step, last_train)
+                progress.report(step, last_train)
+            final = step == num_steps
+            if step % eval_every == 0 or final:
+                last_eval = run_eval(step)
+            preempted = ckpt.reached_preemption(step)
+            if step % ckpt_every == 0 or final or preempted:
+                at_step_eval = last_eval if last_eval and last_eval["step"] == step else None
+                ckpt.save(step, state, config=config_dict, class_names=class_names,
+                          data_state=pipeline.get_state(),
+                          metrics={k: v for k, v in at_step_eval.items() if k != "step"}
+                          if at_step_eval else None,
+                          extra={"eval": last_eval} if last_eval else None)
+            if preempted:
+                log.warning("preemption at step %d: checkpoint saved, stopping", step)
+                break
+        if step >= num_steps and (last_eval is None or last_eval["step"] != step):
+            last_eval = run_eval(step)  # resumed after the final checkpoint but before its eval
+    finally:
+        progress.close()
+        pipeline.close()
+        ckpt.close()  # waits for background saves
+        writer.close()
+    final_metrics = {**last_train, **{k: v for k, v in (last_eval or {}).items() if k != "step"}}
+    if is_main:
+        print(format_table(step, final_metrics, class_names), flush=True)
+    return final_metrics

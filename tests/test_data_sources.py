@@ -1,0 +1,361 @@
+"""Example sources on small real files: COCO JSON, VOC XML, CSV, image decoding, tfds (faked)."""
+
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retinanet_jax.data import decode
+from retinanet_jax.data.coco_json import CocoJsonSource
+from retinanet_jax.data.csv_source import CsvSource
+from retinanet_jax.data.errors import DataError
+from retinanet_jax.data.voc_xml import VocXmlSource
+
+
+def _rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _write_png(path, array):
+    Image.fromarray(array).save(path)
+    return array
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def test_decode_modes_to_rgb_uint8(tmp_path):
+    gray = np.arange(12 * 10, dtype=np.uint8).reshape(12, 10)
+    Image.fromarray(gray, "L").save(tmp_path / "gray.png")
+    rgba = _rgb(12, 10, 1)
+    alpha = np.full((12, 10, 1), 7, np.uint8)
+    Image.fromarray(np.concatenate([rgba, alpha], -1), "RGBA").save(tmp_path / "rgba.png")
+    deep = (np.arange(12 * 10, dtype=np.uint16).reshape(12, 10) * 500).astype(np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")  # 16-bit grayscale PNG
+    pal = Image.fromarray(gray, "L").convert("P")
+    pal.save(tmp_path / "pal.png")
+
+    out = decode.read_image(str(tmp_path / "gray.png"))
+    assert out.dtype == np.uint8 and out.shape == (12, 10, 3)
+    np.testing.assert_array_equal(out, np.repeat(gray[..., None], 3, -1))
+
+    out = decode.read_image(str(tmp_path / "rgba.png"))
+    np.testing.assert_array_equal(out, rgba)  # alpha dropped, colours untouched
+
+    out = decode.read_image(str(tmp_path / "deep.png"))
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    expected = np.rint(deep / 257.0).astype(np.uint8)
+    np.testing.assert_array_equal(out, np.repeat(expected[..., None], 3, -1))
+    assert out.max() == np.rint(deep.max() / 257.0)
+
+    out = decode.read_image(str(tmp_path / "pal.png"))
+    np.testing.assert_array_equal(out, np.repeat(gray[..., None], 3, -1))
+
+
+def test_decode_errors_name_the_file(tmp_path):
+    with pytest.raises(DataError, match="missing.png: image file not found"):
+        decode.read_image(str(tmp_path / "missing.png"))
+    (tmp_path / "junk.jpg").write_bytes(b"not an image at all")
+    with pytest.raises(DataError, match="junk.jpg: cannot"):
+        decode.read_image(str(tmp_path / "junk.jpg"))
+    Image.fromarray(_rgb(64, 64)).save(tmp_path / "full.jpg")
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="cut.jpg: cannot decode"):
+        decode.read_image(str(tmp_path / "cut.jpg"))
+    Image.fromarray(np.zeros((4, 4), np.float32), "F").save(tmp_path / "float.tiff")
+    with pytest.raises(DataError, match="float.tiff: float image"):
+        decode.read_image(str(tmp_path / "float.tiff"))
+
+
+# ----------------------------------------------------------------------------- COCO JSON
+
+
+def _coco_dir(tmp_path, annotations, extra_images=()):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir(exist_ok=True)
+    _write_png(img_dir / "a.png", _rgb(40, 60, 1))
+    Image.fromarray(_rgb(30, 20, 2)).save(img_dir / "b.jpg")
+    _write_png(img_dir / "c.png", _rgb(10, 10, 3))
+    images = [
+        {"id": 7, "file_name": "a.png", "height": 40, "width": 60},
+        {"id": 9, "file_name": "b.jpg", "height": 30, "width": 20},
+        {"id": 11, "file_name": "c.png"},  # no annotations, no size: read from the header
+        *extra_images,
+    ]
+    categories = [{"id": 18, "name": "dog"}, {"id": 3, "name": "car"}, {"id": 44, "name": "bottle"}]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": annotations,
+                                "categories": categories}))
+    return str(path), str(img_dir)
+
+
+GOOD_COCO_ANNS = [
+    {"id": 1, "image_id": 7, "category_id": 18, "bbox": [10, 5, 20, 10], "iscrowd": 0},
+    {"id": 2, "image_id": 7, "category_id": 3, "bbox": [0, 0, 60.5, 40], "iscrowd": 0},
+    {"id": 3, "image_id": 7, "category_id": 44, "bbox": [1, 1, 5, 5], "iscrowd": 1},
+    {"id": 4, "image_id": 9, "category_id": 44, "bbox": [2, 3, 4, 5]},
+]
+
+
+def test_coco_json_source(tmp_path):
+    ann, img_dir = _coco_dir(tmp_path, GOOD_COCO_ANNS)
+    src = CocoJsonSource(ann, img_dir)
+    assert len(src) == 3
+    assert src.class_names == ["car", "dog", "bottle"]  # sorted by category id 3, 18, 44
+    assert src.label_to_category_id == [3, 18, 44]
+    ex = src[0]
+    assert ex["image_id"] == 7 and ex["image"].shape == (40, 60, 3)
+    np.testing.assert_array_equal(ex["image"], _rgb(40, 60, 1))
+    # The crowd box is excluded; the 0.5 px overshoot is clipped to the image width.
+    np.testing.assert_allclose(ex["boxes"], [[10, 5, 30, 15], [0, 0, 60, 40]])
+    np.testing.assert_array_equal(ex["labels"], [1, 0])
+    assert ex["boxes"].dtype == np.float32 and ex["labels"].dtype == np.int32
+    np.testing.assert_array_equal(src[1]["labels"], [2])
+    empty = src[2]
+    assert empty["image_id"] == 11 and empty["boxes"].shape == (0, 4)
+    assert empty["labels"].shape == (0,)
+    assert src.image_size(1) == (30, 20) and src.image_size(2) == (10, 10)
+
+
+@pytest.mark.parametrize("bad_ann, message", [
+    ({"id": 55, "image_id": 7, "category_id": 3, "bbox": [10, 10, 0, 5]}, "degenerate box"),
+    ({"id": 55, "image_id": 7, "category_id": 3, "bbox": [50, 10, 15, 5]}, "out-of-image box"),
+    ({"id": 55, "image_id": 7, "category_id": 99, "bbox": [1, 1, 5, 5]}, "unknown category_id"),
+    ({"id": 55, "image_id": 1234, "category_id": 3, "bbox": [1, 1, 5, 5]}, "unknown image_id"),
+])
+def test_coco_json_bad_records(tmp_path, bad_ann, message):
+    ann, img_dir = _coco_dir(tmp_path, GOOD_COCO_ANNS + [bad_ann])
+    with pytest.raises(DataError, match=f"instances.json: annotation id 55.*{message}"):
+        CocoJsonSource(ann, img_dir)
+    src = CocoJsonSource(ann, img_dir, on_bad_record="drop")
+    assert sum(src.dropped.values()) == 1
+    np.testing.assert_allclose(src[0]["boxes"], [[10, 5, 30, 15], [0, 0, 60, 40]])
+
+
+def test_coco_json_missing_and_unreadable_images(tmp_path):
+    extra = [{"id": 12, "file_name": "gone.png", "height": 5, "width": 5}]
+    ann, img_dir = _coco_dir(tmp_path, GOOD_COCO_ANNS, extra)
+    with pytest.raises(DataError, match="image id 12: image file not found: .*gone.png"):
+        CocoJsonSource(ann, img_dir)
+    assert len(CocoJsonSource(ann, img_dir, on_bad_record="drop")) == 3
+
+    (tmp_path / "images" / "gone.png").write_bytes(b"garbage")
+    src = CocoJsonSource(ann, img_dir)
+    with pytest.raises(DataError, match="gone.png: cannot"):
+        src[3]
+    # An image whose decoded size contradicts the JSON would misplace its boxes.
+    _write_png(tmp_path / "images" / "gone.png", _rgb(6, 5))
+    with pytest.raises(DataError, match="gone.png: decoded size"):
+        CocoJsonSource(ann, img_dir)[3]
+
+
+# ----------------------------------------------------------------------------- VOC XML
+
+
+def _voc_xml(filename, w, h, objects):
+    objs = "".join(
+        f"<object><name>{name}</name><difficult>{int(diff)}</difficult><bndbox>"
+        f"<xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax>"
+        f"</bndbox></object>" for name, b, diff in objects)
+    return (f"<annotation><filename>{filename}</filename><size><width>{w}</width>"
+            f"<height>{h}</height><depth>3</depth></size>{objs}</annotation>")
+
+
+def _voc_dir(tmp_path, extra_objects=()):
+    root = tmp_path / "VOC"
+    (root / "Annotations").mkdir(parents=True)
+    (root / "JPEGImages").mkdir()
+    Image.fromarray(_rgb(50, 40, 4)).save(root / "JPEGImages" / "000001.jpg")
+    # A grayscale image stored next to its XML rather than in JPEGImages/.
+    Image.fromarray(_rgb(20, 30, 5)[..., 0], "L").save(root / "Annotations" / "000002.png")
+    objects = [("dog", (1, 1, 40, 50), False), ("cat", (5, 6, 10, 12), True),
+               *extra_objects]
+    (root / "Annotations" / "000001.xml").write_text(_voc_xml("000001.jpg", 40, 50, objects))
+    (root / "Annotations" / "000002.xml").write_text(_voc_xml("000002.png", 30, 20, []))
+    return str(root / "Annotations")
+
+
+def test_voc_xml_source(tmp_path):
+    ann_dir = _voc_dir(tmp_path)
+    src = VocXmlSource(ann_dir)
+    assert src.class_names == ["cat", "dog"] and src.ids == ["000001", "000002"]
+    ex = src[0]
+    assert ex["image"].shape == (50, 40, 3)
+    # 1-based inclusive (1, 1, 40, 50) covers the whole 40x50 image -> [0, 0, 40, 50].
+    np.testing.assert_allclose(ex["boxes"], [[0, 0, 40, 50]])  # difficult cat excluded
+    np.testing.assert_array_equal(ex["labels"], [1])
+    np.testing.assert_array_equal(ex["difficult"], [False])
+    gray = src[1]
+    assert gray["boxes"].shape == (0, 4) and gray["image"].shape == (20, 30, 3)
+    np.testing.assert_array_equal(gray["image"][..., 1], _rgb(20, 30, 5)[..., 0])
+
+    kept = VocXmlSource(ann_dir, keep_difficult=True)
+    np.testing.assert_allclose(kept[0]["boxes"], [[0, 0, 40, 50], [4, 5, 10, 12]])
+    np.testing.assert_array_equal(kept[0]["difficult"], [False, True])
+    raw = VocXmlSource(ann_dir, keep_difficult=True, box_convention="raw")
+    np.testing.assert_allclose(raw[0]["boxes"], [[1, 1, 40, 50], [5, 6, 10, 12]])
+
+    fixed = VocXmlSource(ann_dir, class_names=["dog", "cat", "bird"])
+    np.testing.assert_array_equal(fixed[0]["labels"], [0])
+    assert fixed.class_names == ["dog", "cat", "bird"]
+
+
+@pytest.mark.parametrize("obj, message", [
+    (("dog", (10, 10, 5, 20), False), "object 2: degenerate box"),
+    (("dog", (10, 10, 45, 20), False), "object 2: out-of-image box"),
+    (("unicorn", (1, 1, 5, 5), False), "object 2: unknown class name 'unicorn'"),
+])
+def test_voc_xml_bad_records(tmp_path, obj, message):
+    ann_dir = _voc_dir(tmp_path, [obj])
+    with pytest.raises(DataError, match=f"000001.xml: {message}"):
+        VocXmlSource(ann_dir, class_names=["cat", "dog"])
+    src = VocXmlSource(ann_dir, class_names=["cat", "dog"], on_bad_record="drop")
+    assert sum(src.dropped.values()) == 1
+    np.testing.assert_allclose(src[0]["boxes"], [[0, 0, 40, 50]])
+
+
+def test_voc_xml_missing_image(tmp_path):
+    ann_dir = _voc_dir(tmp_path)
+    os.remove(os.path.join(tmp_path, "VOC", "JPEGImages", "000001.jpg"))
+    with pytest.raises(DataError, match="000001.xml: image file not found: '000001.jpg'"):
+        VocXmlSource(ann_dir)
+    assert VocXmlSource(ann_dir, on_bad_record="drop").ids == ["000002"]
+
+
+# ----------------------------------------------------------------------------- CSV
+
+
+def _csv_dir(tmp_path, extra_rows=""):
+    (tmp_path / "imgs").mkdir()
+    _write_png(tmp_path / "imgs" / "a.png", _rgb(40, 30, 6))
+    rgba = np.concatenate([_rgb(16, 16, 7), np.zeros((16, 16, 1), np.uint8)], -1)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "imgs" / "b.png")
+    rows = ("image_path,x1,y1,x2,y2,class_name\n"
+            "imgs/a.png,1,2,11,22,zebra\n"
+            "imgs/b.png,,,,,\n"
+            "imgs/a.png,0,0,30.4,40,ant\n" + extra_rows)
+    (tmp_path / "ann.csv").write_text(rows)
+    return str(tmp_path / "ann.csv")
+
+
+def test_csv_source(tmp_path):
+    src = CsvSource(_csv_dir(tmp_path))
+    assert src.class_names == ["ant", "zebra"] and len(src) == 2
+    ex = src[0]
+    np.testing.assert_allclose(ex["boxes"], [[1, 2, 11, 22], [0, 0, 30, 40]])
+    np.testing.assert_array_equal(ex["labels"], [1, 0])
+    np.testing.assert_array_equal(ex["image"], _rgb(40, 30, 6))
+    empty = src[1]
+    assert empty["boxes"].shape == (0, 4) and empty["image"].shape == (16, 16, 3)
+    np.testing.assert_array_equal(empty["image"], _rgb(16, 16, 7))  # alpha dropped
+
+    (tmp_path / "classes.csv").write_text("zebra,0\nant,1\nbee,2\n")
+    src = CsvSource(str(tmp_path / "ann.csv"), classes_file=str(tmp_path / "classes.csv"))
+    assert src.class_names == ["zebra", "ant", "bee"]
+    np.testing.assert_array_equal(src[0]["labels"], [0, 1])
+    (tmp_path / "bad_classes.csv").write_text("zebra,0\nant,2\n")
+    with pytest.raises(DataError, match="bad_classes.csv: class ids must be 0..1"):
+        CsvSource(str(tmp_path / "ann.csv"), classes_file=str(tmp_path / "bad_classes.csv"))
+
+
+@pytest.mark.parametrize("row, message", [
+    ("imgs/a.png,5,5,5,9,ant\n", "line 5: degenerate box"),
+    ("imgs/a.png,5,5,10,42,ant\n", "line 5: out-of-image box"),
+    ("imgs/a.png,5,5,10,12,yak\n", "line 5: unknown class name 'yak'"),
+    ("imgs/a.png,5,x,10,12,ant\n", "line 5: non-numeric"),
+    ("imgs/missing.png,5,5,10,12,ant\n", "line 5: .*missing.png: image file not found"),
+])
+def test_csv_bad_records(tmp_path, row, message):
+    csv_file = _csv_dir(tmp_path, row)
+    (tmp_path / "classes.txt").write_text("ant\nzebra\n")
+    classes = str(tmp_path / "classes.txt")
+    with pytest.raises(DataError, match=f"ann.csv: {message}"):
+        CsvSource(csv_file, classes_file=classes)
+    src = CsvSource(csv_file, classes_file=classes, on_bad_record="drop")
+    assert sum(src.dropped.values()) == 1 and len(src) == 2
+    np.testing.assert_allclose(src[0]["boxes"], [[1, 2, 11, 22], [0, 0, 30, 40]])
+
+
+def test_csv_unreadable_image(tmp_path):
+    csv_file = _csv_dir(tmp_path, "imgs/broken.png,1,1,2,2,ant\n")
+    (tmp_path / "imgs" / "broken.png").write_bytes(b"\x89PNG but not really")
+    with pytest.raises(DataError, match="line 5: .*broken.png: cannot read image"):
+        CsvSource(csv_file)
+
+
+# ----------------------------------------------------------------------------- tfds (faked)
+
+
+class _FakeClassLabel:
+    def __init__(self, names):
+        self.names = names
+
+
+class _FakeBuilder:
+    """The slice of the tfds builder API TfdsSource uses, serving two VOC-like examples."""
+
+    def __init__(self, name, data_dir=None):
+        self.info = types.SimpleNamespace(features={
+            "image": object(),
+            "objects": {"bbox": object(), "label": _FakeClassLabel(["cat", "dog"]),
+                        "is_difficult": object()},
+        })
+
+    def as_data_source(self, split):
+        return [
+            {"image": np.full((20, 40, 1), 9, np.uint8),
+             "objects": {"bbox": np.array([[0.1, 0.25, 0.5, 1.0], [0, 0, 0.5, 0.5]], np.float32),
+                         "label": np.array([1, 0]), "is_difficult": np.array([False, True])}},
+            {"image": np.zeros((10, 10, 3), np.uint8),
+             "objects": {"bbox": np.zeros((1, 4), np.float32), "label": np.array([0]),
+                         "is_difficult": np.array([False])}},
+        ]
+
+
+def test_tfds_source_with_fake_tfds(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets",
+                        types.SimpleNamespace(builder=_FakeBuilder))
+    from retinanet_jax.data.tfds_source import TfdsSource
+
+    src = TfdsSource("voc/2007", "train")
+    assert src.class_names == ["cat", "dog"] and len(src) == 2 and src.image_size(0) is None
+    ex = src[0]
+    assert ex["image"].shape == (20, 40, 3) and ex["image_id"] == 0
+    # normalized [ymin, xmin, ymax, xmax] -> xyxy pixels; the difficult object is excluded.
+    np.testing.assert_allclose(ex["boxes"], [[10, 2, 40, 10]])
+    np.testing.assert_array_equal(ex["labels"], [1])
+    np.testing.assert_array_equal(ex["difficult"], [False])
+    with pytest.raises(DataError, match=r"voc/2007\[train\] index 1: object 0: degenerate box"):
+        src[1]
+    dropped = TfdsSource("voc/2007", "train", on_bad_record="drop")[1]
+    assert dropped["boxes"].shape == (0, 4)
+    kept = TfdsSource("voc/2007", "train", keep_difficult=True)[0]
+    np.testing.assert_array_equal(kept["difficult"], [False, True])
+
+
+def test_tfds_missing_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)  # import fails
+    from retinanet_jax.data.tfds_source import TfdsSource
+
+    with pytest.raises(ImportError, match="pip install tensorflow-datasets"):
+        TfdsSource()
+
+
+def test_tfds_coco_mock_data():
+    """Real tfds with tfds.testing.mock_data (runs where tensorflow_datasets is installed)."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from retinanet_jax.data.tfds_source import COCO_CATEGORY_IDS, TfdsSource
+
+    with tfds.testing.mock_data(num_examples=3):
+        src = TfdsSource("coco/2017", "train", on_bad_record="drop")
+        assert len(src) == 3 and len(src.class_names) == 80
+        assert src.label_to_category_id == list(COCO_CATEGORY_IDS)
+        ex = src[0]
+        h, w = ex["image"].shape[:2]
+        assert ex["image"].dtype == np.uint8 and ex["image"].shape[2] == 3
+        assert np.all(ex["boxes"][:, 2] <= w) and np.all(ex["boxes"][:, 3] <= h)

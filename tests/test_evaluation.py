@@ -1,0 +1,140 @@
+"""COCO metrics from our detections: known answers and agreement with pycocotools run directly."""
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from retinanet_jax import evaluation
+
+CLASSES = ["circle", "square"]
+
+# Two images with one medium object each (area 40*40 in [32^2, 96^2)) and one empty image.
+GT = [
+    {"image_id": 7, "image_hw": (100, 120), "boxes": np.array([[10, 10, 50, 50]], np.float32),
+     "labels": np.array([0])},
+    {"image_id": 9, "image_hw": (100, 120), "boxes": np.array([[60, 20, 100, 60]], np.float32),
+     "labels": np.array([1])},
+    {"image_id": 11, "image_hw": (80, 80), "boxes": np.zeros((0, 4), np.float32),
+     "labels": np.zeros((0,), np.int32)},
+]
+
+
+def _det(image_id, boxes, scores, labels):
+    return {"image_id": image_id, "boxes": np.asarray(boxes, np.float32).reshape(-1, 4),
+            "scores": np.asarray(scores, np.float32), "labels": np.asarray(labels, np.int32)}
+
+
+def _perfect():
+    return [_det(ex["image_id"], ex["boxes"], np.full(len(ex["labels"]), 0.9), ex["labels"]) for ex in GT]
+
+
+def test_perfect_detections_give_ap_one(tmp_path):
+    gt = evaluation.coco_ground_truth(GT, CLASSES)
+    m = evaluation.evaluate_detections(_perfect(), gt, [1, 2], output_path=tmp_path / "d.json")
+    for k in ("AP", "AP50", "AP75", "APm"):
+        np.testing.assert_allclose(m[k], 1.0, atol=1e-9, err_msg=k)
+    # No small / large ground truth: pycocotools reports -1.
+    assert m["APs"] == -1 and m["APl"] == -1
+    assert m["per_class_AP"] == {"circle": pytest.approx(1.0), "square": pytest.approx(1.0)}
+    assert set(evaluation.COCO_METRICS) <= set(m)
+
+
+def test_one_of_two_missed_gives_known_ap():
+    # Only the square is detected. Per class: circle AP 0 (recall 0), square AP 1 -> mean 0.5.
+    dets = [_det(9, GT[1]["boxes"], [0.8], [1])]
+    m = evaluation.evaluate_detections(dets, evaluation.coco_ground_truth(GT, CLASSES), [1, 2])
+    np.testing.assert_allclose(m["AP"], 0.5, atol=1e-9)
+    np.testing.assert_allclose(m["per_class_AP"]["circle"], 0.0, atol=1e-9)
+
+    # One class with two objects, one found: precision 1 up to recall 0.5, so 51 of COCO's
+    # 101 recall points have precision 1 -> AP = 51/101.
+    gt = [dict(GT[0]), dict(GT[1], labels=np.array([0]))]
+    dets = [_det(7, GT[0]["boxes"], [0.8], [0])]
+    m = evaluation.evaluate_detections(dets, evaluation.coco_ground_truth(gt, CLASSES), [1, 2])
+    np.testing.assert_allclose(m["AP"], 51 / 101, atol=1e-9)
+    assert np.isnan(m["per_class_AP"]["square"])  # no ground truth for that class
+
+
+def test_category_id_mapping_and_results_format(tmp_path):
+    path = tmp_path / "dets.json"
+    gt = evaluation.coco_ground_truth(GT, CLASSES, category_ids=[3, 17])
+    evaluation.evaluate_detections(_perfect(), gt, [3, 17], output_path=path)
+    results = json.loads(path.read_text())
+    assert len(results) == 2
+    r = next(r for r in results if r["image_id"] == 9)
+    assert r["category_id"] == 17
+    np.testing.assert_allclose(r["bbox"], [60, 20, 40, 40])  # xywh
+    assert not list(tmp_path.glob(".*tmp"))  # atomic write leaves no temp file
+
+
+def test_matches_pycocotools_on_the_written_json(tmp_path):
+    rng = np.random.default_rng(0)
+    examples, dets = [], []
+    for i in range(6):
+        n = int(rng.integers(0, 5))
+        xy = rng.uniform(0, 150, (n, 2))
+        wh = rng.uniform(8, 100, (n, 2))
+        boxes = np.concatenate([xy, xy + wh], 1).astype(np.float32)
+        labels = rng.integers(0, 2, n)
+        examples.append({"image_id": 100 + i, "image_hw": (256, 256), "boxes": boxes, "labels": labels})
+        # Jittered true boxes, some with wrong labels, plus random false positives.
+        jit = boxes + rng.normal(0, 4, boxes.shape)
+        fp_xy = rng.uniform(0, 150, (3, 2))
+        fp = np.concatenate([fp_xy, fp_xy + 30], 1)
+        dets.append(_det(100 + i, np.concatenate([jit, fp]), rng.uniform(0.05, 1, n + 3),
+                         np.concatenate([np.where(rng.uniform(size=n) < 0.8, labels, 1 - labels),
+                                         rng.integers(0, 2, 3)])))
+    gt = evaluation.coco_ground_truth(examples, CLASSES)
+    det_path, gt_path = tmp_path / "dets.json", tmp_path / "gt.json"
+    ours = evaluation.evaluate_detections(dets, gt, [1, 2], output_path=det_path)
+    assert 0.05 < ours["AP"] < 0.95  # a non-trivial case
+
+    # pycocotools on its own, from files: a GT json written independently of our COCO object.
+    gt_json = {"images": [{"id": e["image_id"], "height": 256, "width": 256} for e in examples],
+               "categories": [{"id": 1, "name": "circle"}, {"id": 2, "name": "square"}],
+               "annotations": []}
+    for e in examples:
+        for b, lab in zip(e["boxes"].tolist(), e["labels"].tolist()):
+            gt_json["annotations"].append({
+                "id": len(gt_json["annotations"]) + 1, "image_id": e["image_id"], "category_id": lab + 1,
+                "bbox": [b[0], b[1], b[2] - b[0], b[3] - b[1]], "area": (b[2] - b[0]) * (b[3] - b[1]),
+                "iscrowd": 0})
+    gt_path.write_text(json.dumps(gt_json))
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref_gt = COCO(str(gt_path))
+        ref = COCOeval(ref_gt, ref_gt.loadRes(str(det_path)), "bbox")
+        ref.evaluate()
+        ref.accumulate()
+        ref.summarize()
+    np.testing.assert_allclose([ours[k] for k in evaluation.COCO_METRICS], ref.stats[:6], atol=1e-6)
+
+
+def test_false_positive_on_empty_image_counts():
+    # The empty image is part of the ground truth: a higher-scored circle there halves the
+    # circle's precision at every recall -> circle AP 0.5, square AP 1.
+    dets = _perfect() + [_det(11, [[5, 5, 45, 45]], [0.95], [0])]
+    m = evaluation.evaluate_detections(dets, evaluation.coco_ground_truth(GT, CLASSES), [1, 2])
+    np.testing.assert_allclose(m["per_class_AP"]["circle"], 0.5, atol=1e-9)
+    np.testing.assert_allclose(m["AP"], 0.75, atol=1e-9)
+
+
+def test_no_detections_gives_zero_ap():
+    m = evaluation.evaluate_detections([_det(7, np.zeros((0, 4)), [], [])],
+                                       evaluation.coco_ground_truth(GT, CLASSES), [1, 2])
+    np.testing.assert_allclose(m["AP"], 0.0)
+
+
+def test_bad_inputs_raise_specific_errors():
+    with pytest.raises(ValueError, match="duplicate image_id 7"):
+        evaluation.coco_ground_truth([GT[0], GT[0]], CLASSES)
+    with pytest.raises(ValueError, match="label 5"):
+        evaluation.coco_ground_truth([dict(GT[0], labels=np.array([5]))], CLASSES)
+    with pytest.raises(ValueError, match="category_ids has 1 entries"):
+        evaluation.coco_ground_truth(GT, CLASSES, category_ids=[1])
+    with pytest.raises(ValueError, match="image 7: labels"):
+        evaluation.detections_to_coco([_det(7, [[0, 0, 1, 1]], [0.5], [2])], [1, 2])

@@ -1,0 +1,271 @@
+"""Model parity with torchvision: head outputs, FPN upsampling, ResNet layouts, BN, init, masks."""
+
+import math
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from retinanet_jax.models.fpn import upsample_nearest
+from retinanet_jax.models.heads import CLS_PRIOR_BIAS
+from retinanet_jax.models.resnet import RESNET_SPECS, BatchNorm, ResNet
+from retinanet_jax.models.retinanet import RetinaNet, frozen_param_mask
+from retinanet_jax.torchvision_port import backbone_from_torchvision, torch_key
+from tests.tv_utils import make_jax_from_tv, nchw_to_nhwc, random_images, tv_head_outputs
+
+HEAD_ATOL = 1e-4  # the contract: head outputs within 1e-4 of torchvision's (f32)
+
+
+def _padded_batch(batch: int, h: int, w: int, seed: int) -> torch.Tensor:
+    """Normalized images zero padded at the bottom/right, as the model consumes them."""
+    x = random_images(batch, h, w, seed=seed)
+    x[:, :, h - h // 6 :, :] = 0
+    x[1:, :, :, w - w // 5 :] = 0
+    return x
+
+
+def _assert_head_parity(tv, model, variables, x: torch.Tensor) -> None:
+    ref = tv_head_outputs(tv, x)
+    out = jax.jit(model.apply)(variables, jnp.asarray(nchw_to_nhwc(x)))
+    for key in ("cls_logits", "bbox_regression"):
+        got = np.asarray(out[key])
+        assert got.dtype == np.float32 and got.shape == ref[key].shape, (key, got.shape, ref[key].shape)
+        # Guard the test's power: outputs must vary, or a zero/constant tensor would also "match".
+        assert ref[key].std() > 0.3, (key, ref[key].std())
+        np.testing.assert_allclose(got, ref[key], rtol=0, atol=HEAD_ATOL, err_msg=key)
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_head_outputs_match_torchvision(variant):
+    tv, model, variables = make_jax_from_tv(variant)
+    # 224x320: multiple of 32; 200x264: not, so FPN upsamples 7->13->25 and 9->17->33 (odd sizes).
+    _assert_head_parity(tv, model, variables, _padded_batch(2, 224, 320, seed=1))
+    _assert_head_parity(tv, model, variables, _padded_batch(2, 200, 264, seed=2))
+
+
+def test_coco_v1_layout_frozen_bn_eps0_matches_torchvision():
+    # The COCO_V1 checkpoint: FrozenBatchNorm2d with eps 0.0 and no num_batches_tracked.
+    tv, model, variables = make_jax_from_tv("v1", frozen_bn=True)
+    assert model.frozen_bn and model.bn_eps == 0.0
+    _assert_head_parity(tv, model, variables, _padded_batch(2, 160, 224, seed=3))
+
+
+@pytest.mark.parametrize(
+    "in_hw,out_hw",
+    [((7, 9), (13, 17)), ((13, 17), (25, 33)), ((4, 5), (8, 10)), ((3, 5), (7, 11)), ((5, 6), (5, 6)), ((6, 4), (9, 13))],
+)
+def test_upsample_nearest_matches_torch_interpolate(in_hw, out_hw):
+    x = torch.randn(2, 3, *in_hw)
+    ref = F.interpolate(x, size=out_hw, mode="nearest")
+    got = upsample_nearest(jnp.asarray(nchw_to_nhwc(x)), out_hw)
+    np.testing.assert_array_equal(np.asarray(got), nchw_to_nhwc(ref))
+
+
+def _jax_layout(module, x_shape=(1, 64, 64, 3)) -> dict[str, tuple[int, ...]]:
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros(x_shape)))
+    out = {}
+    for (_, *path), s in flax.traverse_util.flatten_dict(shapes).items():
+        shape = s.shape if path[-1] != "kernel" else (s.shape[3], s.shape[2], s.shape[0], s.shape[1])
+        out[torch_key(tuple(path))] = tuple(shape)
+    return out
+
+
+@pytest.mark.parametrize("arch", sorted(RESNET_SPECS))
+def test_resnet_layout_and_param_count_match_torchvision(arch):
+    with torch.device("meta"):  # shapes only: resnext101 builds in milliseconds
+        tv = torchvision.models.__dict__[arch]()
+    tv_sd = {k: tuple(v.shape) for k, v in tv.state_dict().items() if not k.startswith("fc.")}
+    ours = _jax_layout(ResNet(arch, frozen_bn=False))
+    assert ours == tv_sd
+    tv_params = sum(p.numel() for n, p in tv.named_parameters() if not n.startswith("fc."))
+    shapes = jax.eval_shape(lambda: ResNet(arch).init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))
+    assert sum(math.prod(s.shape) for s in jax.tree.leaves(shapes["params"])) == tv_params
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_retinanet_layout_matches_torchvision_state_dict(variant):
+    builder = {"v1": torchvision.models.detection.retinanet_resnet50_fpn, "v2": torchvision.models.detection.retinanet_resnet50_fpn_v2}
+    with torch.device("meta"):
+        tv = builder[variant](weights=None, weights_backbone=None, num_classes=7)
+    tv_sd = {k: tuple(v.shape) for k, v in tv.state_dict().items()}
+    assert _jax_layout(RetinaNet(num_classes=7, variant=variant, frozen_bn=False)) == tv_sd
+
+
+def _lively_resnet(arch: str, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    tv = torchvision.models.__dict__[arch]().eval()
+    g = torch.Generator().manual_seed(seed)
+    basic = RESNET_SPECS[arch][0] == "basic"
+    with torch.no_grad():
+        for name, m in tv.named_modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                # Small last BN of each residual branch keeps activations O(1) through the stages.
+                last = name.endswith("bn3") or (basic and name.endswith("bn2"))
+                m.weight.copy_(torch.rand(c, generator=g) * (0.3 if last else 1.0) + 0.2)
+                m.bias.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+    return tv
+
+
+def _tv_stages(tv: torch.nn.Module, x: torch.Tensor) -> list[np.ndarray]:
+    x = tv.maxpool(tv.relu(tv.bn1(tv.conv1(x))))
+    outs = []
+    for layer in (tv.layer1, tv.layer2, tv.layer3, tv.layer4):
+        x = layer(x)
+        outs.append(nchw_to_nhwc(x.detach()))
+    return outs
+
+
+def _check_body_parity(arch: str, hw: tuple[int, int]) -> None:
+    tv = _lively_resnet(arch)
+    sd = {k: v.numpy() for k, v in tv.state_dict().items()}
+    model, variables = backbone_from_torchvision(sd, frozen_bn=False)
+    assert model.backbone == arch
+    body_vars = {c: variables[c]["backbone"]["body"] for c in ("params", "batch_stats")}
+    body = ResNet(arch, bn_eps=1e-5, frozen_bn=False)
+    x = random_images(2, *hw, seed=4)
+
+    # eval: running statistics
+    with torch.no_grad():
+        ref = _tv_stages(tv, x)
+    got = jax.jit(body.apply)(body_vars, jnp.asarray(nchw_to_nhwc(x)))
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(np.asarray(g), r, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(r).max()))
+
+    # train: batch statistics, torch's momentum-0.1 running averages with the unbiased variance
+    tv.train()
+    with torch.no_grad():
+        ref = _tv_stages(tv, x)
+    got, new_stats = jax.jit(lambda v, x: body.apply(v, x, train=True, mutable=["batch_stats"]))(
+        body_vars, jnp.asarray(nchw_to_nhwc(x))
+    )
+    for r, g in zip(ref, got):
+        np.testing.assert_allclose(np.asarray(g), r, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(r).max()))
+    flat = flax.traverse_util.flatten_dict(new_stats["batch_stats"])
+    tv_sd = tv.state_dict()
+    for path, v in flat.items():
+        key = torch_key(path)
+        np.testing.assert_allclose(np.asarray(v), tv_sd[key].numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+
+
+def test_resnet18_body_matches_torchvision_eval_and_train():
+    _check_body_parity("resnet18", (96, 128))
+
+
+@pytest.mark.slow
+def test_resnext50_body_matches_torchvision_eval_and_train():
+    _check_body_parity("resnext50_32x4d", (64, 96))
+
+
+def test_batchnorm_matches_torch_batchnorm2d_and_frozen():
+    x = torch.randn(3, 5, 6, 7) * 2 + 1
+    tbn = torch.nn.BatchNorm2d(5, eps=1e-5, momentum=0.1)
+    with torch.no_grad():
+        tbn.weight.uniform_(0.5, 1.5)
+        tbn.bias.normal_()
+        tbn.running_mean.normal_()
+        tbn.running_var.uniform_(0.5, 2)
+    variables = {
+        "params": {"scale": jnp.asarray(tbn.weight.detach().numpy()), "bias": jnp.asarray(tbn.bias.detach().numpy())},
+        "batch_stats": {
+            "mean": jnp.asarray(tbn.running_mean.numpy()),
+            "var": jnp.asarray(tbn.running_var.numpy()),
+            "num_batches_tracked": jnp.asarray(4, jnp.int32),
+        },
+    }
+    tbn.num_batches_tracked.fill_(4)
+    xj = jnp.asarray(nchw_to_nhwc(x))
+    bn = BatchNorm(epsilon=1e-5, frozen=False)
+    frozen = BatchNorm(epsilon=1e-5, frozen=True)
+    frozen_vars = {"params": variables["params"], "batch_stats": {k: variables["batch_stats"][k] for k in ("mean", "var")}}
+
+    tbn.eval()
+    ref_eval = nchw_to_nhwc(tbn(x).detach())
+    np.testing.assert_allclose(np.asarray(bn.apply(variables, xj)), ref_eval, rtol=1e-5, atol=1e-5)
+    # FrozenBatchNorm2d ignores `train`: running statistics, no update.
+    y, upd = frozen.apply(frozen_vars, xj, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(y), ref_eval, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(upd["batch_stats"]["mean"]), tbn.running_mean.numpy())
+
+    tbn.train()
+    ref_train = nchw_to_nhwc(tbn(x).detach())
+    y, upd = bn.apply(variables, xj, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(np.asarray(y), ref_train, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(upd["batch_stats"]["mean"]), tbn.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(upd["batch_stats"]["var"]), tbn.running_var.numpy(), rtol=1e-6, atol=1e-6)
+    assert int(upd["batch_stats"]["num_batches_tracked"]) == 5 == int(tbn.num_batches_tracked)
+
+
+def test_init_follows_torchvision():
+    model = RetinaNet(num_classes=5, backbone="resnet18", variant="v2")
+    key = jax.random.key(0, impl="rbg")  # distributions are what matter; rbg compiles much faster
+    params = jax.jit(model.init)(key, jnp.zeros((1, 64, 64, 3)))["params"]
+    cls = params["head"]["classification_head"]
+    np.testing.assert_allclose(np.asarray(cls["cls_logits"]["bias"]), -math.log(99.0), rtol=1e-6)
+    assert CLS_PRIOR_BIAS == pytest.approx(-math.log((1 - 0.01) / 0.01))
+    for name in ("cls_logits", "conv_0_0", "conv_3_0"):
+        assert np.std(np.asarray(cls[name]["kernel"])) == pytest.approx(0.01, rel=0.05)
+    assert "bias" not in cls["conv_0_0"]  # v2 head convs: no bias before GroupNorm
+    np.testing.assert_array_equal(np.asarray(params["head"]["regression_head"]["bbox_reg"]["bias"]), 0.0)
+    fpn = params["backbone"]["fpn"]
+    # kaiming_uniform_(a=1): U(-b, b) with b = sqrt(3 / fan_in); v2's P6 takes C5 (512 ch, resnet18).
+    for kernel, fan_in in (
+        (fpn["inner_blocks_0_0"]["kernel"], 128),
+        (fpn["layer_blocks_1_0"]["kernel"], 9 * 256),
+        (fpn["extra_blocks"]["p6"]["kernel"], 9 * 512),
+    ):
+        bound = math.sqrt(3.0 / fan_in)
+        assert bound >= np.abs(np.asarray(kernel)).max() > 0.95 * bound
+    conv = np.asarray(params["backbone"]["body"]["layer3_0"]["conv2"]["kernel"])  # 3x3, 256 -> 256
+    assert np.std(conv) == pytest.approx(math.sqrt(2.0 / (9 * 256)), rel=0.05)  # kaiming fan_out
+    bn = params["backbone"]["body"]["layer1_1"]["bn2"]
+    np.testing.assert_array_equal(np.asarray(bn["scale"]), 1.0)
+    np.testing.assert_array_equal(np.asarray(bn["bias"]), 0.0)
+
+
+@pytest.mark.parametrize("n", [0, 3, 5])
+def test_frozen_param_mask_matches_torchvision_requires_grad(n):
+    from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+    from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+    with torch.device("meta"):
+        tv_body = torchvision.models.resnet50()  # BatchNorm2d: BN affine params are trainable
+        backbone = _resnet_fpn_extractor(tv_body, n, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+    tv_frozen = {f"backbone.{k}": not p.requires_grad for k, p in backbone.named_parameters()}
+
+    model = RetinaNet(frozen_bn=False)
+    params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3))))["params"]
+    for frozen_bn in (False, True):
+        mask = flax.traverse_util.flatten_dict(frozen_param_mask(params, n, frozen_bn=frozen_bn))
+        ours = {torch_key(p): m for p, m in mask.items()}
+        assert set(ours) >= set(tv_frozen)
+        assert not any(m for k, m in ours.items() if k.startswith("head."))  # heads always train
+        for k, m in tv_frozen.items():
+            is_bn_affine = "body" in k and (".bn" in k or "downsample.1" in k)
+            assert m == ours[k] or (frozen_bn and is_bn_affine and ours[k]), (k, m, ours[k], frozen_bn)
+        if frozen_bn:  # FrozenBatchNorm2d: affine parameters are buffers, never trained
+            assert all(m for k, m in ours.items() if k.startswith("backbone.body.") and (".bn" in k or "downsample.1" in k))
+    assert sum(tv_frozen.values()) == {0: 159, 3: 33, 5: 0}[n]
+
+
+def test_bfloat16_compute_close_to_float32():
+    tv, model, variables = make_jax_from_tv("v1")
+    x = jnp.asarray(nchw_to_nhwc(random_images(1, 128, 160, seed=6)))
+    out32 = jax.jit(model.apply)(variables, x)
+    bf = model.clone(dtype=jnp.bfloat16)
+    out16 = jax.jit(bf.apply)(variables, x)
+    assert all(jnp.dtype(p.dtype) == jnp.float32 for p in jax.tree.leaves(variables["params"]))
+    for key in ("cls_logits", "bbox_regression"):
+        a, b = np.asarray(out16[key]), np.asarray(out32[key])
+        assert a.dtype == np.float32
+        assert not np.array_equal(a, b)  # it really computed in bf16
+        # bf16 keeps ~3 significant digits; 60+ layers -> errors of a few % of the output scale.
+        assert np.abs(a - b).mean() < 0.03 * np.abs(b).std(), key
+        assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995, key
