@@ -89,6 +89,7 @@ def get_config() -> config_dict.ConfigDict:
 
     # ---------------------------------------------------------------- evaluation
     c.eval = config_dict.ConfigDict()
+    c.eval.enabled = True  # False: no evaluation at all (quick experiments, tests)
     c.eval.every_steps = config_dict.placeholder(int)  # None = once per epoch ([train] evaluates every epoch)
     c.eval.batch_size = 8  # our choice (torchvision evaluates with batch 1; padding differs slightly)
     c.eval.min_size = 800  # [model] min_size
@@ -107,5 +108,6 @@ def get_config() -> config_dict.ConfigDict:
     c.checkpoint.keep = 3  # our choice: last 3, plus the best by eval/AP
     c.checkpoint.async_save = True  # our choice: write in the background
     c.mesh = config_dict.ConfigDict()
+    c.mesh.num_devices = config_dict.placeholder(int)  # None = every device (all hosts)
     c.mesh.model = 1  # size of the "model" mesh axis (1 = pure data parallelism, as torchvision DDP)
     return c

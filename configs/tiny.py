@@ -23,6 +23,5 @@ def get_config():
     c.optim.warmup_steps = 2
     c.eval.every_steps = 6
     c.checkpoint.every_steps = 3
-    c.checkpoint.async_save = False
     c.log_every_steps = 2
     return c

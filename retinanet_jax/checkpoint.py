@@ -215,14 +215,7 @@ class Checkpointer:
                 best = None  # a step without the ranking metric is "without metrics"
         return bool(self._manager.save(step, args=args, metrics=best, force=True))
 
-    def restore(self, target: Any, step: int | None = None) -> Restored:
-        """Restore into the structure, shapes and shardings of ``target`` (a template state).
-
-        ``step`` defaults to the latest complete checkpoint. The arrays land on ``target``'s
-        shardings, so a checkpoint written on N devices restores on any device count. Raises
-        ``FileNotFoundError`` if there is none and :class:`CheckpointMismatchError` naming
-        the key and shapes if the checkpoint holds another model.
-        """
+    def _resolve(self, step: int | None) -> int:
         self.wait()
         if step is None:
             step = self.latest_step()
@@ -231,6 +224,33 @@ class Checkpointer:
         elif step not in self.all_steps():
             raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
                                     f"(have {self.all_steps()})")
+        return int(step)
+
+    def read_meta(self, step: int | None = None) -> Restored:
+        """Everything but the arrays (``state`` is None): config, class names, data state,
+        extras of ``step`` (default latest). Cheap; use it to rebuild the model first."""
+        step = self._resolve(step)
+        restored = self._manager.restore(step, args=ocp.args.Composite(**{
+            _CONFIG: ocp.args.JsonRestore(), _META: ocp.args.JsonRestore()}))
+        return self._restored(None, step, restored)
+
+    @staticmethod
+    def _restored(state: Any, step: int, restored: Any) -> Restored:
+        meta = restored[_META] or {}
+        return Restored(state=state, step=step, config=restored[_CONFIG] or None,
+                        class_names=meta.get("class_names"),
+                        data_state=_decode(meta.get("data_state")),
+                        extra=_decode(meta.get("extra") or {}))
+
+    def restore(self, target: Any, step: int | None = None) -> Restored:
+        """Restore into the structure, shapes and shardings of ``target`` (a template state).
+
+        ``step`` defaults to the latest complete checkpoint. The arrays land on ``target``'s
+        shardings, so a checkpoint written on N devices restores on any device count. Raises
+        ``FileNotFoundError`` if there is none and :class:`CheckpointMismatchError` naming
+        the key and shapes if the checkpoint holds another model.
+        """
+        step = self._resolve(step)
         where = f"checkpoint {self.directory / str(step)}"
         target_dict = flax.serialization.to_state_dict(target)
         saved_meta = self._manager.item_metadata(step)[_STATE]
@@ -242,11 +262,7 @@ class Checkpointer:
             _META: ocp.args.JsonRestore(),
         }))
         state = flax.serialization.from_state_dict(target, restored[_STATE])
-        meta = restored[_META] or {}
-        return Restored(state=state, step=int(step), config=restored[_CONFIG] or None,
-                        class_names=meta.get("class_names"),
-                        data_state=_decode(meta.get("data_state")),
-                        extra=_decode(meta.get("extra") or {}))
+        return self._restored(state, step, restored)
 
     def wait(self) -> None:
         """Block until background saves are complete."""

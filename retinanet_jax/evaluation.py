@@ -118,7 +118,7 @@ def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
     path = epath.Path(path)
     tmp = path.parent / f".{path.name}.tmp"
     tmp.write_text(json.dumps(obj))
-    tmp.rename(path)
+    tmp.replace(path)
 
 
 def _results_coco(coco_gt: COCO, results: list[dict]) -> COCO:

@@ -77,13 +77,21 @@ def _postprocess_one(
     return out_boxes, out_scores, out_labels, num
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "level_sizes", "score_thresh", "topk_candidates", "nms_thresh", "detections_per_img",
-        "class_agnostic",
-    ),
-)
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
+def _postprocess_jit(
+    logits, deltas, anchors, image_sizes, level_sizes, score_thresh, topk_candidates, nms_thresh,
+    detections_per_img, class_agnostic,
+):
+    fn = functools.partial(
+        _postprocess_one,
+        level_sizes=level_sizes, score_thresh=score_thresh, topk_candidates=topk_candidates,
+        nms_thresh=nms_thresh, detections_per_img=detections_per_img, class_agnostic=class_agnostic,
+    )
+    return jax.vmap(fn, in_axes=(0, 0, None, 0))(
+        logits.astype(jnp.float32), deltas.astype(jnp.float32), anchors.astype(jnp.float32), image_sizes
+    )
+
+
 def postprocess(
     cls_logits: jnp.ndarray,
     bbox_regression: jnp.ndarray,
@@ -97,11 +105,14 @@ def postprocess(
     detections_per_img: int = 300,
     class_agnostic: bool = False,
 ) -> tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray, jnp.ndarray]:
-    """Detections from raw head outputs with static shapes (jitted; level_sizes etc. static).
+    """Detections from raw head outputs, with static shapes.
+
+    Runs as one jitted computation (compiled once per shape and setting) and may itself be
+    called inside ``jax.jit``; ``level_sizes`` and the keyword settings are static.
 
     Args:
       cls_logits: [B, A, K] logits; bbox_regression: [B, A, 4] deltas; anchors: [A, 4] xyxy
-        pixels of the padded input; all in torchvision's anchor order and cast to float32.
+        pixels of the padded input; all in torchvision's anchor order, computed in float32.
       level_sizes: anchors per level (``anchors.num_anchors_per_level``), summing to A.
       image_sizes: int [B, 2] (h, w) of each resized image before padding; boxes are clipped
         to it.
@@ -110,17 +121,13 @@ def postprocess(
       num_valid int32 [B]; D = detections_per_img, rows sorted by score, padded rows have
       box 0, score 0, label -1. Mirrors torchvision RetinaNet.postprocess_detections.
     """
+    level_sizes = tuple(int(n) for n in level_sizes)
     if sum(level_sizes) != cls_logits.shape[1]:
-        raise ValueError(f"level_sizes sum to {sum(level_sizes)}, but there are {cls_logits.shape[1]} anchors")
-    fn = functools.partial(
-        _postprocess_one,
-        level_sizes=tuple(level_sizes), score_thresh=score_thresh, topk_candidates=topk_candidates,
-        nms_thresh=nms_thresh, detections_per_img=detections_per_img, class_agnostic=class_agnostic,
-    )
-    anchors = jnp.asarray(anchors, jnp.float32)
-    return jax.vmap(fn, in_axes=(0, 0, None, 0))(
-        jnp.asarray(cls_logits, jnp.float32),
-        jnp.asarray(bbox_regression, jnp.float32),
-        anchors,
-        jnp.asarray(image_sizes),
+        raise ValueError(
+            f"level_sizes sum to {sum(level_sizes)}, but there are {cls_logits.shape[1]} anchors"
+        )
+    return _postprocess_jit(
+        jnp.asarray(cls_logits), jnp.asarray(bbox_regression), jnp.asarray(anchors), jnp.asarray(image_sizes),
+        level_sizes, float(score_thresh), int(topk_candidates), float(nms_thresh), int(detections_per_img),
+        bool(class_agnostic),
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import flax
 import jax
@@ -158,9 +158,12 @@ def _hint(sd: Mapping[str, Any], variant: str, backbone: str) -> str:
 
 
 def _check_keys(
-    layout: Mapping[str, tuple], sd: Mapping[str, np.ndarray], optional: set[str], what: str, hint: str
+    layout: Mapping[str, tuple], sd: Mapping[str, np.ndarray], optional: set[str], what: str, hint: Callable[[], str]
 ) -> None:
-    """ValueError on any missing/unexpected key or shape mismatch (``optional`` may be absent)."""
+    """ValueError on any missing/unexpected key or shape mismatch (``optional`` may be absent).
+
+    ``hint()`` (a guess at what the checkpoint really is) is only computed for the error message.
+    """
     missing = [k for k in layout if k not in sd and k not in optional]
     unexpected = [k for k in sd if k not in layout]
     if missing or unexpected:
@@ -169,11 +172,11 @@ def _check_keys(
             parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)})")
         if unexpected:
             parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
-        raise ValueError(f"state_dict does not fit {what}: {'; '.join(parts)}{hint}")
+        raise ValueError(f"state_dict does not fit {what}: {'; '.join(parts)}{hint()}")
     for k, v in sd.items():
         if tuple(v.shape) != layout[k][2]:
             raise ValueError(
-                f"{k}: checkpoint shape {tuple(v.shape)} != model shape {layout[k][2]} for {what}{hint}"
+                f"{k}: checkpoint shape {tuple(v.shape)} != model shape {layout[k][2]} for {what}{hint()}"
             )
 
 
@@ -243,9 +246,14 @@ def from_torchvision(
     if frozen_bn is None:
         frozen_bn = not has_nbt
     model = RetinaNet(
-        num_classes=num_classes, variant=variant, backbone=backbone, bn_eps=float(bn_eps), frozen_bn=frozen_bn,
-        num_anchors=num_anchors, dtype=dtype,
-    )  # fmt: skip
+        num_classes=num_classes,
+        variant=variant,
+        backbone=backbone,
+        bn_eps=float(bn_eps),
+        frozen_bn=frozen_bn,
+        num_anchors=num_anchors,
+        dtype=dtype,
+    )
     layout = _layout(model)
     what = f"RetinaNet(variant={variant!r}, backbone={backbone!r}, num_classes={num_classes})"
 
@@ -256,7 +264,7 @@ def from_torchvision(
     if frozen_bn:  # FrozenBatchNorm2d drops the counters too (its _load_from_state_dict)
         sd = {k: v for k, v in sd.items() if not (k.endswith("." + _NBT) and k not in layout)}
     optional = {k for k in layout if k.endswith("." + _NBT)} | (set(_CLS_KEYS) if skipped else set())
-    _check_keys(layout, sd, optional, what, _hint(sd, variant, backbone))
+    _check_keys(layout, sd, optional, what, lambda: _hint(sd, variant, backbone))
 
     values = {k: _to_flax_value(k, sd[k], layout[k][3]) for k in layout if k in sd}
     for k in layout:
@@ -267,11 +275,8 @@ def from_torchvision(
         hwio = (w_shape[2], w_shape[3], w_shape[1], w_shape[0])
         values[_CLS_KEYS[0]] = 0.01 * jax.random.normal(jax.random.key(seed), hwio, jnp.float32)
         values[_CLS_KEYS[1]] = jnp.full(layout[_CLS_KEYS[1]][2], CLS_PRIOR_BIAS, jnp.float32)
-        _report_skipped(
-            skipped, report,
-            f"checkpoint has {ckpt_classes} classes, model {num_classes}; re-initialised with prior "
-            f"probability {PRIOR_PROBABILITY}",
-        )  # fmt: skip
+        why = f"checkpoint has {ckpt_classes} classes, model {num_classes}; re-initialised, prior {PRIOR_PROBABILITY}"
+        _report_skipped(skipped, report, why)
     return model, _assemble(layout, values)
 
 
@@ -314,7 +319,7 @@ def backbone_from_torchvision(
     if frozen_bn:
         sd = {k: v for k, v in sd.items() if not (k.endswith("." + _NBT) and k not in body_layout)}
     optional = {k for k in body_layout if k.endswith("." + _NBT)}
-    _check_keys(body_layout, sd, optional, f"torchvision {backbone}", "")
+    _check_keys(body_layout, sd, optional, f"torchvision {backbone}", lambda: "")
 
     # "rbg" keys: same distributions, but XLA compiles RngBitGenerator much faster than threefry
     # for the ~150 parameter tensors (tens of seconds on a small CPU).

@@ -57,7 +57,7 @@ class MetricWriter:
                 continue  # a torn last line of a killed run
         tmp = self.path.parent / f".{self.path.name}.tmp"
         tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.rename(self.path)
+        tmp.replace(self.path)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """Record ``values`` at ``step`` (NaN / inf are left out of the JSON line)."""

@@ -12,7 +12,7 @@ files, ``detections.json`` (latest COCO results) and ``config.json``.
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 from typing import Any, Optional
 
@@ -92,39 +92,56 @@ def build_sources(config: Any) -> tuple[Any, Any]:
 # ------------------------------------------------------------------------------ model
 
 
-def build_model(config: Any, num_classes: int, *, pretrained: bool = True) -> tuple[RetinaNet, dict]:
+MODEL_FIELDS = ("num_classes", "variant", "backbone", "bn_eps", "frozen_bn", "num_anchors", "fpn_channels")
+
+
+def model_spec(model: RetinaNet) -> dict[str, Any]:
+    """The model's hyperparameters (stored with checkpoints: a torchvision checkpoint may have
+    chosen some of them, e.g. bn_eps, so the config alone does not rebuild the model)."""
+    return {f: getattr(model, f) for f in MODEL_FIELDS}
+
+
+def build_model(config: Any, num_classes: int, *, pretrained: bool = True,
+                spec: Optional[dict] = None) -> tuple[RetinaNet, dict]:
     """(model, variables): torchvision RetinaNet / ImageNet backbone weights or a fresh init.
 
-    ``pretrained=False`` (resuming: the checkpoint overwrites every weight) skips reading the
-    ``.pth`` files but builds the same structure.
+    ``pretrained=False`` (resuming: the checkpoint overwrites every weight) reads no ``.pth``
+    file and returns zeros of the right structure, which costs no init compilation. ``spec``
+    (a checkpoint's :func:`model_spec`) supplies what a torchvision checkpoint decided rather
+    than the config (``bn_eps``); everything else comes from the config, so a changed
+    architecture fails the checkpoint's shape check instead of being silently replaced.
     """
     m, init = config.model, config.init
     if init.retinanet_checkpoint and init.backbone_checkpoint:
         raise ValueError("set config.init.retinanet_checkpoint or config.init.backbone_checkpoint, not both")
-    frozen_bn = m.frozen_bn
-    bn_eps = m.bn_eps
-    if pretrained and (init.retinanet_checkpoint or init.backbone_checkpoint):
+    from_torchvision = bool(init.retinanet_checkpoint or init.backbone_checkpoint)
+    if from_torchvision and m.fpn_channels != 256:
+        raise ValueError(f"config.model.fpn_channels={m.fpn_channels}: torchvision weights have 256")
+    if pretrained and from_torchvision:
         from retinanet_jax import torchvision_port as port
 
-        if m.fpn_channels != 256:
-            raise ValueError(f"config.model.fpn_channels={m.fpn_channels}: torchvision weights have 256")
         skipped: list = []
         if init.retinanet_checkpoint:
             model, variables = port.from_torchvision(
                 init.retinanet_checkpoint, m.variant, num_classes=num_classes, backbone=m.backbone,
-                frozen_bn=frozen_bn, report=skipped, seed=config.seed)
+                frozen_bn=m.frozen_bn, report=skipped, seed=config.seed)
         else:
             model, variables = port.backbone_from_torchvision(
                 init.backbone_checkpoint, num_classes=num_classes, variant=m.variant,
-                backbone=m.backbone, bn_eps=bn_eps, frozen_bn=frozen_bn, report=skipped,
+                backbone=m.backbone, bn_eps=m.bn_eps, frozen_bn=m.frozen_bn, report=skipped,
                 seed=config.seed)
         if skipped:
             log.info("initial weights: not loaded (re-initialised): %s", skipped)
         return model, variables
-    model = RetinaNet(num_classes=num_classes, variant=m.variant, backbone=m.backbone, bn_eps=bn_eps,
-                      frozen_bn=frozen_bn, fpn_channels=m.fpn_channels)
-    variables = jax.jit(model.init)(jax.random.key(config.seed), jnp.zeros((1, 64, 64, 3), jnp.float32))
-    return model, variables
+    fields = dict(num_classes=num_classes, variant=m.variant, backbone=m.backbone, bn_eps=m.bn_eps,
+                  frozen_bn=m.frozen_bn, fpn_channels=m.fpn_channels)
+    fields.update({k: spec[k] for k in ("bn_eps",) if spec and k in spec})
+    model = RetinaNet(**fields)
+    init_fn = functools.partial(model.init, jax.random.key(config.seed), jnp.zeros((1, 64, 64, 3), jnp.float32))
+    if not pretrained:
+        shapes = jax.eval_shape(init_fn)
+        return model, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shapes)
+    return model, jax.jit(init_fn)()
 
 
 # ------------------------------------------------------------------------------ the program
@@ -164,13 +181,15 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         raise ValueError(f"config.model.num_classes={num_classes} < {len(class_names)} dataset classes")
     if config.model.compute_dtype not in DTYPES:
         raise ValueError(f"config.model.compute_dtype must be one of {sorted(DTYPES)}")
-    mesh = parallel.make_mesh(model=config.mesh.model)
+    devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
+    mesh = parallel.make_mesh(model=config.mesh.model, devices=devices)
     local_batch = parallel.local_batch_size(config.batch_size, mesh)
 
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
     resume_step = ckpt.latest_step()
-    model, variables = build_model(config, num_classes, pretrained=resume_step is None)
+    spec = ckpt.read_meta().extra.get("model") if resume_step is not None else None
+    model, variables = build_model(config, num_classes, pretrained=resume_step is None, spec=spec)
     inp = config.input
     pipeline = TrainBatchIterator(
         train_src, batch_size=local_batch, seed=config.seed, min_sizes=tuple(inp.min_sizes),
@@ -251,7 +270,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                 writer.write(step, last_train)
                 progress.report(step, last_train)
             final = step == num_steps
-            if step % eval_every == 0 or final:
+            if config.eval.enabled and (step % eval_every == 0 or final):
                 last_eval = run_eval(step)
             preempted = ckpt.reached_preemption(step)
             if step % ckpt_every == 0 or final or preempted:
@@ -260,11 +279,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                           data_state=pipeline.get_state(),
                           metrics={k: v for k, v in at_step_eval.items() if k != "step"}
                           if at_step_eval else None,
-                          extra={"eval": last_eval} if last_eval else None)
+                          extra={"model": model_spec(model), "eval": last_eval})
             if preempted:
                 log.warning("preemption at step %d: checkpoint saved, stopping", step)
                 break
-        if step >= num_steps and (last_eval is None or last_eval["step"] != step):
+        if config.eval.enabled and step >= num_steps and (last_eval is None or last_eval["step"] != step):
             last_eval = run_eval(step)  # resumed after the final checkpoint but before its eval
     finally:
         progress.close()

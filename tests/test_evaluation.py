@@ -63,6 +63,7 @@ def test_one_of_two_missed_gives_known_ap():
 def test_category_id_mapping_and_results_format(tmp_path):
     path = tmp_path / "dets.json"
     gt = evaluation.coco_ground_truth(GT, CLASSES, category_ids=[3, 17])
+    path.write_text("old")  # an earlier evaluation's file is replaced
     evaluation.evaluate_detections(_perfect(), gt, [3, 17], output_path=path)
     results = json.loads(path.read_text())
     assert len(results) == 2
@@ -138,3 +139,68 @@ def test_bad_inputs_raise_specific_errors():
         evaluation.coco_ground_truth(GT, CLASSES, category_ids=[1])
     with pytest.raises(ValueError, match="image 7: labels"):
         evaluation.detections_to_coco([_det(7, [[0, 0, 1, 1]], [0.5], [2])], [1, 2])
+
+
+class _SizedSource:
+    """Minimal source: only sizes matter for the plan."""
+
+    class_names = ["a"]
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def image_size(self, i):
+        return self.sizes[i]
+
+
+def test_eval_plan_groups_by_canvas_and_pads():
+    sizes = [(100, 200), (200, 100), (100, 200), None, (150, 150), (100, 200)]
+    plan = evaluation.eval_plan(_SizedSource(sizes), 2, min_size=64, max_size=128)
+    seen = np.concatenate([row for _, row in plan])
+    assert sorted(seen[seen >= 0].tolist()) == list(range(6))  # every image exactly once
+    assert all(len(row) == 2 for _, row in plan)
+    canvases = {int(i): c for c, row in plan for i in row if i >= 0}
+    assert canvases[0] == canvases[2] == canvases[5] == (64, 128)  # landscape
+    assert canvases[1] == (128, 64) and canvases[4] == (64, 64)
+    assert canvases[3] == (128, 128)  # unknown size: the canvas that fits any image
+    assert (seen == -1).sum() == len(plan) * 2 - 6
+
+
+@pytest.mark.slow
+def test_evaluate_matches_predict_and_pycocotools(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from retinanet_jax import parallel
+    from retinanet_jax.data import ShapesSource
+    from retinanet_jax.models.retinanet import RetinaNet
+    from retinanet_jax.predict import predict
+
+    src = ShapesSource("validation", num_images=6, image_size=(48, 80), max_objects=3)
+    model = RetinaNet(num_classes=5, backbone="resnet18", variant="v1", frozen_bn=False, fpn_channels=32)
+    variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
+    mesh = parallel.make_mesh(devices=jax.devices()[:2])
+    path = tmp_path / "dets.json"
+    # Untrained: scores sit near the 0.01 prior, so keep everything; 4 per batch -> one padded batch.
+    # min_size 64 upsamples the 48x80 images to 64x106 (a real resize).
+    kw = dict(min_size=64, max_size=128, score_thresh=0.0, detections_per_img=10)
+    m = evaluation.evaluate(model, variables, src, mesh=mesh, batch_size=4, output_path=path, **kw)
+    assert m["num_images"] == 6
+    results = json.loads(path.read_text())
+    # predict() resizes on the device and batches differently: same boxes in original pixels.
+    dets = predict(model, variables, [src[i]["image"] for i in range(6)], **kw)
+    for i, det in enumerate(dets):
+        mine = sorted((r for r in results if r["image_id"] == i), key=lambda r: -r["score"])
+        assert len(mine) == len(det["scores"]) == 10
+        xyxy = np.asarray([[x, y, x + w, y + h] for x, y, w, h in (r["bbox"] for r in mine)])
+        np.testing.assert_allclose(xyxy, det["boxes"], atol=2e-3)
+        np.testing.assert_allclose([r["score"] for r in mine], det["scores"], atol=1e-5)
+        assert [r["category_id"] - 1 for r in mine] == det["labels"].tolist()
+
+    gt = evaluation.coco_ground_truth([src[i] for i in range(6)], src.class_names)
+    ref = evaluation.coco_metrics(gt, results)
+    np.testing.assert_allclose([m[k] for k in evaluation.COCO_METRICS],
+                               [ref[k] for k in evaluation.COCO_METRICS], atol=1e-12)

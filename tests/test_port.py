@@ -66,10 +66,10 @@ def test_bn_defaults_follow_checkpoint_layout(case):
     assert all(int(v) == 1 for v in nbt)  # make_tv_model's calibration pass counted one batch
 
 
-def test_legacy_key_names_load(case):
-    variant, coco, sd = case
-    if variant != "v1":
-        pytest.skip("version-1 key names exist for the v1 layout only")
+@pytest.mark.parametrize("coco", [False, True], ids=["v1", "v1-coco"])
+def test_legacy_key_names_load(coco):
+    # Version-1 key names exist for the v1 layout only (the COCO_V1 checkpoint uses them).
+    sd = tv_state_dict_numpy(make_tv_model("v1", frozen_bn=coco))
     old = {}
     for k, v in sd.items():
         k = re.sub(r"^(head\.\w+_head\.conv)\.(\d)\.0\.", lambda m: f"{m.group(1)}.{2 * int(m.group(2))}.", k)

@@ -1,5 +1,7 @@
 """postprocess equals torchvision RetinaNet.postprocess_detections on the same head outputs."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -33,11 +35,16 @@ def _head_outputs(rng, batch, logit_mean, logit_std=1.2):
     return logits, deltas, anchors
 
 
-def _torchvision(model, logits, deltas, anchors, image_sizes):
+_TV_DEFAULTS = dict(score_thresh=0.05, topk_candidates=1000, nms_thresh=0.5, detections_per_img=300)
+
+
+def _torchvision(model, logits, deltas, anchors, image_sizes, **overrides):
     levels = list(num_anchors_per_level(HW))
     split = lambda x: list(torch.from_numpy(x).split(levels, dim=1))  # noqa: E731
     head = {"cls_logits": split(logits), "bbox_regression": split(deltas)}
     anc = [list(torch.from_numpy(anchors.copy()).split(levels))] * len(logits)
+    for name, value in {**_TV_DEFAULTS, **overrides}.items():
+        setattr(model, name, value)
     with torch.no_grad():
         return model.postprocess_detections(head, anc, [tuple(map(int, s)) for s in image_sizes])
 
@@ -69,6 +76,11 @@ def test_matches_torchvision_many_candidates(tv_model):
     _check_equal(out, ref)
     # Clipping to each image's own size happened.
     assert np.asarray(out[0])[1, :, 0::2].max() <= 97
+    # All NMS survivors, so that every one of the per-level top-1000 candidates matters.
+    ref = _torchvision(tv_model, logits, deltas, anchors, sizes, detections_per_img=5000)
+    out = postprocess(logits, deltas, anchors, num_anchors_per_level(HW), sizes, detections_per_img=5000)
+    assert all(len(r["scores"]) > 2000 for r in ref)
+    _check_equal(out, ref)
 
 
 def test_matches_torchvision_few_candidates(tv_model):
@@ -103,25 +115,25 @@ def test_overrides_and_empty_image(tv_model):
     logits[1] = -20.0  # nothing passes the score threshold
     sizes = np.array([[160, 224], [160, 224]], np.int32)
     kw = dict(score_thresh=0.2, topk_candidates=150, nms_thresh=0.3, detections_per_img=50)
-    tv_model.score_thresh, tv_model.topk_candidates = kw["score_thresh"], kw["topk_candidates"]
-    tv_model.nms_thresh, tv_model.detections_per_img = kw["nms_thresh"], kw["detections_per_img"]
-    try:
-        ref = _torchvision(tv_model, logits, deltas, anchors, sizes)
-    finally:
-        tv_model.score_thresh, tv_model.topk_candidates = 0.05, 1000
-        tv_model.nms_thresh, tv_model.detections_per_img = 0.5, 300
+    ref = _torchvision(tv_model, logits, deltas, anchors, sizes, **kw)
     out = postprocess(logits, deltas, anchors, num_anchors_per_level(HW), sizes, **kw)
     assert np.asarray(out[0]).shape == (2, 50, 4)
     assert int(out[3][0]) == 50 and int(out[3][1]) == 0
     _check_equal(out, ref)
 
 
-def test_batch_rows_independent():
+def test_batch_rows_independent_under_jit():
     rng = np.random.default_rng(4)
     logits, deltas, anchors = _head_outputs(rng, 3, -6.0)
     sizes = np.array([[160, 224], [120, 224], [160, 150]], np.int32)
     levels = num_anchors_per_level(HW)
-    full = postprocess(logits, deltas, anchors, levels, sizes)
+    # Inside an outer jit, bf16 inputs (computed in float32), level sizes as a list.
+    full = jax.jit(lambda lg, dl: postprocess(lg, dl, anchors, list(levels), sizes))(
+        jnp.asarray(logits, jnp.bfloat16), jnp.asarray(deltas, jnp.bfloat16)
+    )
+    assert full[0].dtype == full[1].dtype == jnp.float32 and full[2].dtype == full[3].dtype == jnp.int32
+    logits = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32))
+    deltas = np.asarray(jnp.asarray(deltas, jnp.bfloat16).astype(jnp.float32))
     for i in range(3):
         one = postprocess(logits[i:i + 1], deltas[i:i + 1], anchors, levels, sizes[i:i + 1])
         for a, b in zip(full, one):

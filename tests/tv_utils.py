@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torchvision
 from torchvision.models.detection import retinanet as tv_retinanet
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops import misc as tv_misc
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -77,6 +79,13 @@ def _make_lively(model: torch.nn.Module, seed: int) -> None:
             lo, hi = (0.2, 0.5) if name.endswith("bn3") else (0.6, 1.4)
             m.weight.copy_(unif(lo, hi, *m.weight.shape))
             m.bias.copy_(0.1 * randn(*m.bias.shape))
+            if isinstance(m, torch.nn.BatchNorm2d):
+                # Near-dead channels (running_var ~1e-5, as trained checkpoints have) make BN eps
+                # matter: eps 0 vs 1e-5 changes them by ~20%, so an eps mix-up fails parity.
+                dead = torch.rand(m.num_features, generator=g) < 0.03
+                var = 1e-5 * unif(1.0, 4.0, m.num_features)
+                m.running_var.copy_(torch.where(dead, var, m.running_var))
+                m.weight.copy_(torch.where(dead, var.sqrt() * m.weight, m.weight))
         elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
             m.bias.add_(0.05 * randn(*m.bias.shape))
     feats = list(model.backbone(calib).values())
@@ -109,9 +118,7 @@ def _cached_model(variant: str, num_classes: int, seed: int, lively: bool, froze
             raise ValueError("frozen_bn=True reproduces the v1 COCO_V1 checkpoint layout only")
         sd = model.state_dict()
         body = torchvision.models.resnet50(norm_layer=tv_misc.FrozenBatchNorm2d)
-        backbone = torchvision.models.detection.backbone_utils._resnet_fpn_extractor(
-            body, 5, returned_layers=[2, 3, 4], extra_blocks=torchvision.ops.feature_pyramid_network.LastLevelP6P7(256, 256)
-        )
+        backbone = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
         model = tv_retinanet.RetinaNet(backbone, num_classes)
         model.load_state_dict(sd)
         torchvision.models.detection._utils.overwrite_eps(model, 0.0)

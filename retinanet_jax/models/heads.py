@@ -60,9 +60,16 @@ def _tower(
     for i in range(4):
         layers.append(conv(c, f"conv_{i}_0", use_bias=not group_norm))
         if group_norm:
-            layers.append(
-                nn.GroupNorm(num_groups=32, epsilon=1e-5, dtype=dtype, param_dtype=jnp.float32, name=f"conv_{i}_1")
+            # Two-pass variance (as torch): E[x^2] - E[x]^2 cancels badly when |mean| >> std.
+            gn = nn.GroupNorm(
+                num_groups=32,
+                epsilon=1e-5,
+                use_fast_variance=False,
+                dtype=dtype,
+                param_dtype=jnp.float32,
+                name=f"conv_{i}_1",
             )
+            layers.append(gn)
         layers.append(nn.relu)
     final = conv(out_features, final_name, use_bias=True, bias_init=final_bias_init)
     outs = []

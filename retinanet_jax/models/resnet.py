@@ -179,8 +179,8 @@ class ResNet(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> tuple[Array, Array, Array, Array]:
+        stage_channels(self.arch)  # clear error for an unknown arch
         block_kind, depths, groups, width = RESNET_SPECS[self.arch]
-        stage_channels(self.arch)  # validates arch
         conv = _conv_factory(self.dtype)
         bn = _bn_factory(self.bn_eps, self.frozen_bn, self.dtype)
         x = x.astype(self.dtype)

@@ -1,0 +1,299 @@
+"""End-to-end prediction speed: retinanet_jax.Predictor vs torchvision's model(images), same weights.
+
+    python benchmarks/predict_vs_torchvision.py [--quick] [--full] [--variant v1]
+        [--xla-flags "--xla_cpu_use_onednn=true"] [--sweep]
+
+Both frameworks start from uint8 HxWx3 images (torchvision: to_tensor-equivalent conversion is
+timed too) and end with boxes in original pixels. Images are sized so that torchvision resizes
+them (x2 upsampling) to the 800x1216 and 512x512 canvases. Timings are medians of interleaved
+runs (ours, torchvision, ours, ...) after warm-up. Weights: random "lively" ones (tests/tv_utils)
+so that there are hundreds of detections. ``--sweep`` reruns the small case in subprocesses, one
+per XLA CPU flag set, and prints a table. XLA flags must be set before jax starts, hence the
+``--xla-flags`` option (added to XLA_FLAGS) rather than a runtime switch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One canvas per case: (original h, w) -> resized x2 by torchvision to (canvas h, w).
+CASES = {"512": ((256, 256), 512, 1333), "800x1216": ((400, 608), 800, 1333)}
+
+SWEEP_FLAGS = [
+    "",
+    "--xla_cpu_use_onednn=true",
+    "--xla_cpu_experimental_onednn_custom_call=true",
+    "--xla_cpu_experimental_onednn_fusion_type=dot,eltwise",
+    "--xla_cpu_use_xnnpack=true",
+    "--xla_cpu_experimental_xnn_fusion_type=dot,eltwise,reduce",
+    "--xla_cpu_experimental_ynn_fusion_type=dot,individual_convolution",
+    "--xla_cpu_enable_fast_math=true",
+    "--xla_cpu_use_thunk_runtime=false",
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="batch 1 only, 2 repeats, bf16 on 512 only")
+    p.add_argument("--full", action="store_true", help="also 800x1216 at batch 8 (slow on 2 cores)")
+    p.add_argument("--variant", default="v1", choices=["v1", "v2"])
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per framework and case")
+    p.add_argument("--xla-flags", default="", help="extra XLA_FLAGS for this run")
+    p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--cases", default=None, help="comma list of CASE:BATCH, e.g. 512:1,800x1216:1")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--sweep", action="store_true", help="XLA flag sweep on 512:1 (subprocesses)")
+    p.add_argument("--json", action="store_true", help="print one JSON line (used by --sweep)")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- measurement helpers
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+class MatmulPeak:
+    """float32 matmul throughput (GFLOP/s) of a jitted jnp.dot; sampled between the timed runs,
+    because on a shared machine the available compute drifts."""
+
+    def __init__(self, jax, jnp, n=2048):
+        import numpy as np
+
+        self.n, self.jax = n, jax
+        self.a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+        self.f = jax.jit(lambda x, y: jnp.dot(x, y))
+        self.f(self.a, self.a).block_until_ready()
+        self.samples = []
+
+    def sample(self, reps=2):
+        for _ in range(reps):
+            t = time.perf_counter()
+            self.f(self.a, self.a).block_until_ready()
+            self.samples.append(2 * self.n ** 3 / (time.perf_counter() - t) / 1e9)
+        return self.samples[-1]
+
+    def median(self, last=None):
+        return median(self.samples[-last:] if last else self.samples)
+
+
+def match_fraction(ref_dets, got_dets, iou_min=0.9, score_tol=0.02):
+    """Share of ``ref`` detections matched one-to-one (greedy in score order) by ``got`` ones:
+    same label, IoU >= iou_min (or all coordinates within 0.5 px for degenerate boxes),
+    |score difference| <= score_tol."""
+    import numpy as np
+
+    total = matched = 0
+    for r, g in zip(ref_dets, got_dets):
+        total += len(r["scores"])
+        if not len(r["scores"]) or not len(g["scores"]):
+            continue
+        a, b = r["boxes"], g["boxes"]
+        lt = np.maximum(a[:, None, :2], b[None, :, :2])
+        rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+        inter = np.prod(np.clip(rb - lt, 0, None), -1)
+        area = lambda x: np.prod(x[:, 2:] - x[:, :2], -1)
+        iou = inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-9)
+        close = np.abs(a[:, None] - b[None]).max(-1) <= 0.5
+        ok = (((iou >= iou_min) | close) & (r["labels"][:, None] == g["labels"][None])
+              & (np.abs(r["scores"][:, None] - g["scores"][None]) <= score_tol))
+        used = np.zeros(len(b), bool)
+        for i in range(len(a)):
+            c = np.flatnonzero(ok[i] & ~used)
+            if len(c):
+                used[c[0]] = True
+                matched += 1
+    return matched / max(total, 1)
+
+
+# --------------------------------------------------------------------------- one benchmark run
+
+
+def run(args):
+    if args.xla_flags:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, ROOT)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from retinanet_jax import anchors as anchors_lib
+    from retinanet_jax.postprocess import postprocess
+    from retinanet_jax.predict import Predictor
+    from tests.tv_utils import make_jax_from_tv
+
+    torch.set_num_threads(args.threads)
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+    repeats = args.repeats or (2 if args.quick else 3)
+    if args.cases:
+        cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
+    elif args.quick:
+        cases = [("512", 1), ("800x1216", 1)]
+    else:
+        cases = [("512", 1), ("512", 8), ("800x1216", 1)] + ([("800x1216", 8)] if args.full else [])
+    bf16_cases = [] if args.no_bf16 else ([c for c in cases if c == ("512", 1)] if args.quick else
+                                          [c for c in cases if c[1] == 1])
+
+    tv, model, variables = make_jax_from_tv(args.variant)
+    peak = MatmulPeak(jax, jnp)
+    log(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  torch threads={torch.get_num_threads()}  "
+        f"f32 matmul (jitted jnp.dot 2048^3): {peak.sample(3):.1f} GFLOP/s")
+
+    def tv_predict(images):
+        with torch.no_grad():
+            x = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for im in images]
+            dets = tv(x)
+        # Under autocast, boxes / scores come out in bf16: compare them as float32.
+        return [{k: (v.float() if v.is_floating_point() else v).numpy() for k, v in d.items()}
+                for d in dets]
+
+    def tv_predict_bf16(images):
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+            return tv_predict(images)
+
+    def staged(pred, images):
+        """predictor(images) for one chunk, with a barrier between stages to time them."""
+        t0 = time.perf_counter()
+        batch, sizes, originals = pred.preprocess(images)
+        batch.block_until_ready()
+        t1 = time.perf_counter()
+        out = pred.detect(batch, sizes, originals)
+        jax.block_until_ready(out)
+        t2 = time.perf_counter()
+        dets = pred.to_numpy(out, len(images))
+        t3 = time.perf_counter()
+        return dets, (t1 - t0, t2 - t1, t3 - t2)
+
+    results = []
+    for name, batch_size in cases:
+        (h, w), min_size, max_size = CASES[name]
+        rng = np.random.default_rng(0)
+        images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(batch_size)]
+        tv.transform.min_size, tv.transform.max_size = (min_size,), max_size
+        for dtype in ["f32"] + (["bf16"] if (name, batch_size) in bf16_cases else []):
+            pred = Predictor(model, variables, min_size=min_size, max_size=max_size,
+                             batch_size=batch_size, dtype=jnp.bfloat16 if dtype == "bf16" else None)
+            tv_fn = tv_predict_bf16 if dtype == "bf16" else tv_predict
+            t = time.perf_counter()
+            dets, _ = staged(pred, images)  # compiles
+            first = time.perf_counter() - t
+            tv_fn(images)  # warm-up
+            ours, theirs, stages = [], [], []
+            for _ in range(repeats):  # interleaved A B A B
+                t = time.perf_counter()
+                dets, st = staged(pred, images)
+                ours.append(time.perf_counter() - t)
+                stages.append(st)
+                t = time.perf_counter()
+                ref = tv_fn(images)
+                theirs.append(time.perf_counter() - t)
+                peak.sample()
+            case_peak = peak.median(last=2 * repeats)
+            t_ours, t_tv = median(ours), median(theirs)
+            pre, det, post_host = (median([s[i] for s in stages]) for i in range(3))
+            # Forward-only FLOPs from XLA's cost analysis; postprocess time from a jit of it alone
+            # on the model's outputs, so forward time = detect stage - postprocess.
+            batch, sizes, originals = pred.preprocess(images)
+            fwd = jax.jit(pred.model.apply)
+            flops = fwd.lower(pred.variables, batch).compile().cost_analysis()
+            flops = (flops[0] if isinstance(flops, (list, tuple)) else flops)["flops"]
+            raw = fwd(pred.variables, batch)
+            canvas = batch.shape[1:3]
+            pp = jax.jit(lambda c, r, a, s: postprocess(
+                c, r, a, anchors_lib.num_anchors_per_level(canvas), s))
+            a = jnp.asarray(anchors_lib.anchors_for_image(canvas))
+            jax.block_until_ready(pp(raw["cls_logits"], raw["bbox_regression"], a, sizes))
+            pts = []
+            for _ in range(3):
+                t = time.perf_counter()
+                jax.block_until_ready(pp(raw["cls_logits"], raw["bbox_regression"], a, sizes))
+                pts.append(time.perf_counter() - t)
+            t_pp = median(pts)
+            t_fwd = max(det - t_pp, 1e-9)
+            row = dict(case=f"{name} x{batch_size}", dtype=dtype, jax_s=t_ours, tv_s=t_tv,
+                       ratio=t_ours / t_tv, gflop=flops / 1e9, fwd_gflops=flops / 1e9 / t_fwd,
+                       peak=case_peak, peak_share=flops / 1e9 / t_fwd / case_peak, pre_share=pre / t_ours,
+                       post_share=(t_pp + post_host) / t_ours, compile_s=first - t_ours,
+                       n_dets=sum(len(d["scores"]) for d in dets),
+                       tv_match=match_fraction(ref, dets))
+            if dtype == "bf16":
+                f32_dets = next(r for r in results if r["case"] == row["case"])["_dets"]
+                row["match_f32"] = match_fraction(f32_dets, dets)
+            row["_dets"] = dets
+            results.append(row)
+            log(f"  {row['case']:<13} {dtype:<4} ours {t_ours:7.3f}s  torchvision {t_tv:7.3f}s  "
+                f"ratio {row['ratio']:.2f}  compile {row['compile_s']:.1f}s")
+    return peak.median(), results
+
+
+def print_table(peak, results):
+    print("\nratio = ours / torchvision end to end (medians of interleaved runs); peak = f32 jnp.dot "
+          "2048^3 GFLOP/s sampled between those runs; % peak = forward GFLOP/s / peak")
+    print("| case | dtype | ours s | tv s | ratio | fwd GFLOP | fwd GFLOP/s | peak | % peak | pre % "
+          "| post % | compile s | dets | =tv % | bf16=f32 % |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        bf = f"{100 * r['match_f32']:.1f}" if "match_f32" in r else "-"
+        print(f"| {r['case']} | {r['dtype']} | {r['jax_s']:.3f} | {r['tv_s']:.3f} | {r['ratio']:.2f} | "
+              f"{r['gflop']:.0f} | {r['fwd_gflops']:.1f} | {r['peak']:.0f} | {100 * r['peak_share']:.0f} | "
+              f"{100 * r['pre_share']:.1f} | {100 * r['post_share']:.1f} | {r['compile_s']:.1f} | "
+              f"{r['n_dets']} | {100 * r['tv_match']:.1f} | {bf} |")
+    print("=tv %: our detections matching torchvision's (its own dtype); bf16=f32 %: our bf16 "
+          "detections matching our f32 ones (same label, IoU >= 0.9, |dscore| <= 0.02).")
+
+
+def sweep(args):
+    rows = []
+    for flags in SWEEP_FLAGS:
+        cmd = [sys.executable, os.path.abspath(__file__), "--json", "--cases", "512:1",
+               "--repeats", str(args.repeats or 3), "--variant", args.variant, f"--xla-flags={flags}"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
+        line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        if proc.returncode or not line:
+            err = (proc.stderr.strip().splitlines() or ["?"])[-1][:100]
+            rows.append((flags or "(default)", None, err))
+        else:
+            rows.append((flags or "(default)", json.loads(line[-1]), ""))
+        print(f"done: {flags or '(default)'}", file=sys.stderr, flush=True)
+    print("\nXLA CPU flag sweep, 512x512 batch 1, ratio = ours / torchvision (same process, interleaved)")
+    print("| XLA_FLAGS | peak GFLOP/s | f32 ours s | f32 ratio | % peak | bf16 ours s | bf16 ratio "
+          "| bf16=f32 % | note |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for flags, res, err in rows:
+        if res is None:
+            print(f"| {flags} | - | - | - | - | - | - | - | failed: {err} |")
+            continue
+        f, b = res["rows"][0], (res["rows"][1] if len(res["rows"]) > 1 else None)
+        bcols = (f"{b['jax_s']:.3f} | {b['ratio']:.2f} | {100 * b['match_f32']:.1f}" if b else "- | - | -")
+        print(f"| {flags} | {f['peak']:.0f} | {f['jax_s']:.3f} | {f['ratio']:.2f} | "
+              f"{100 * f['peak_share']:.0f} | {bcols} | |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.sweep:
+        return sweep(args)
+    t0 = time.time()
+    peak, results = run(args)
+    if args.json:
+        rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in results]
+        print(json.dumps({"peak": peak, "rows": rows}))
+        return
+    print_table(peak, results)
+    print(f"total benchmark time {time.time() - t0:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

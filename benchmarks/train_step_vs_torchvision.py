@@ -1,0 +1,171 @@
+"""One RetinaNet training step: retinanet_jax vs torchvision, side by side.
+
+ResNet-50-FPN RetinaNet as torchvision's v1 recipe trains it: FrozenBatchNorm2d, trainable
+backbone layers 3, SGD (momentum 0.9, weight decay 1e-4), 91 classes. Both sides start from the
+same weights (ported with ``from_torchvision``) and see the same batch (512x512 images, which
+``GeneralizedRCNNTransform(min_size=512, max_size=512)`` keeps at 512x512).
+
+Timing: everything warmed up first, then the variants run interleaved (A B A B ...), one step
+each, and the medians are reported. Our FLOP/s are compared with a jitted float32 (and bf16)
+2048x2048 matmul measured in the same run, so the share is relative to what this machine
+actually delivers. XLA flags come from the environment (``XLA_FLAGS``), so run the script once
+per flag set to compare them.
+
+    python benchmarks/train_step_vs_torchvision.py [--reps 5] [--batch 4] [--size 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import torchvision
+from torchvision.models.detection import RetinaNet as TVRetinaNet
+from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from retinanet_jax import optim, parallel, training
+from retinanet_jax.torchvision_port import from_torchvision
+
+TRAINABLE_LAYERS = 3
+
+
+def torchvision_model(size: int) -> torch.nn.Module:
+    """retinanet_resnet50_fpn's v1 architecture with FrozenBatchNorm2d and no pretrained files."""
+    torch.manual_seed(0)
+    body = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
+    backbone = _resnet_fpn_extractor(
+        body, TRAINABLE_LAYERS, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
+    )
+    return TVRetinaNet(backbone, 91, min_size=size, max_size=size)
+
+
+def make_data(batch: int, size: int, max_boxes: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, size * 0.6, (batch, max_boxes, 2))
+    wh = rng.uniform(24, size * 0.4, (batch, max_boxes, 2))
+    return {
+        "images": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+        "image_sizes": np.full((batch, 2), size, np.int32),
+        "boxes": np.concatenate([xy, xy + wh], -1).astype(np.float32),
+        "labels": rng.integers(1, 91, (batch, max_boxes)).astype(np.int32),
+    }
+
+
+def timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def matmul_peak(dtype, n: int = 2048, reps: int = 5) -> float:
+    """FLOP/s of a jitted n x n matmul (median of ``reps``)."""
+    a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    times = [timed(lambda: f(a, a).block_until_ready()) for _ in range(reps)]
+    return 2 * n**3 / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-bf16", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
+          f"torchvision {torchvision.__version__}, torch threads {torch.get_num_threads()}")
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+    data = make_data(args.batch, args.size)
+    tv = torchvision_model(args.size).train()
+    model, variables = from_torchvision(tv.state_dict(), "v1", bn_eps=1e-5, frozen_bn=True)
+
+    # ---- torchvision: images as float tensors in [0, 1] (what its data loader yields).
+    tv_images = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for im in data["images"]]
+    tv_targets = [{"boxes": torch.from_numpy(b), "labels": torch.from_numpy(l).long()}
+                  for b, l in zip(data["boxes"], data["labels"])]
+    tv_opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad],
+                             lr=0.01 * args.batch / 16, momentum=0.9, weight_decay=1e-4)
+
+    def tv_step(bf16: bool) -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            losses = tv(tv_images, tv_targets)
+            loss = sum(losses.values())
+        tv_opt.zero_grad()
+        loss.backward()
+        tv_opt.step()
+        return float(loss)
+
+    # ---- ours: one device, same weights, same recipe.
+    mesh = parallel.make_mesh(devices=jax.devices()[:1])
+    tx, schedule = optim.make_optimizer(optim.TORCHVISION_V1, steps_per_epoch=10_000,
+                                        global_batch_size=args.batch)
+    batch = parallel.shard_batch(data, mesh)
+    ours = {}
+    for name, dtype in [("f32", None)] + ([] if args.no_bf16 else [("bf16", jnp.bfloat16)]):
+        step = training.make_train_step(model, mesh, compute_dtype=dtype)
+        state = training.create_train_state(model, variables, tx, TRAINABLE_LAYERS,
+                                            mesh=mesh, schedule=schedule)
+        flops = step.jitted(state).lower(state, batch).cost_analysis()["flops"]
+        ours[name] = {"step": step, "state": state, "flops": flops}
+
+    def our_step(name: str) -> float:
+        entry = ours[name]
+        entry["state"], metrics = entry["step"](entry["state"], batch)  # waits (finite check)
+        return float(metrics["loss"])
+
+    variants = [("torchvision f32", lambda: tv_step(False)), ("ours f32", lambda: our_step("f32"))]
+    if not args.no_bf16:
+        variants += [("torchvision bf16 autocast", lambda: tv_step(True)),
+                     ("ours bf16", lambda: our_step("bf16"))]
+
+    # Warm-up: the first call of ours includes tracing + XLA compilation.
+    first = {}
+    for label, fn in variants:
+        t = time.perf_counter()
+        loss = fn()
+        first[label] = (time.perf_counter() - t, loss)
+        fn()
+    print("first-step loss (same weights, same batch): "
+          + ", ".join(f"{k} {v[1]:.4f}" for k, v in first.items()))
+
+    times = {label: [] for label, _ in variants}
+    for _ in range(args.reps):
+        for label, fn in variants:
+            times[label].append(timed(fn))
+    med = {k: statistics.median(v) for k, v in times.items()}
+
+    peak32 = matmul_peak(jnp.float32)
+    peak16 = matmul_peak(jnp.bfloat16)
+    print(f"\nmatmul 2048^2 peak: f32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s")
+    print(f"\n{'variant':28s} {'step s':>8s} {'img/s':>7s} {'GFLOP/s':>8s} {'%f32 peak':>9s} "
+          f"{'compile s':>9s}")
+    for label, _ in variants:
+        ips = args.batch / med[label]
+        row = f"{label:28s} {med[label]:8.3f} {ips:7.3f}"
+        if label.startswith("ours"):
+            name = label.split()[1]
+            gflops = ours[name]["flops"] / med[label] / 1e9
+            compile_s = first[label][0] - med[label]
+            row += f" {gflops:8.1f} {100 * gflops * 1e9 / peak32:8.1f}% {compile_s:9.1f}"
+        print(row)
+    print(f"\nours / torchvision f32:  {med['torchvision f32'] / med['ours f32']:.3f}x")
+    if not args.no_bf16:
+        print(f"ours bf16 / torchvision bf16 autocast: "
+              f"{med['torchvision bf16 autocast'] / med['ours bf16']:.3f}x")
+    print(f"model FLOPs per step (XLA cost analysis, f32): {ours['f32']['flops'] / 1e9:.1f} G")
+
+
+if __name__ == "__main__":
+    main()
