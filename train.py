@@ -6,6 +6,8 @@ checkpoint in ``--workdir``. On a multi-host TPU / GPU cluster add ``--jax_distr
 (calls ``jax.distributed.initialize()`` before anything touches the devices).
 """
 
+import logging as py_logging
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -16,9 +18,19 @@ _DISTRIBUTED = flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed
 flags.mark_flags_as_required(["workdir"])
 
 
+class _QuietOrbax(py_logging.Filter):
+    """Drops orbax's INFO/DEBUG records (dozens per checkpoint); its warnings and errors pass."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # orbax logs through absl (logger "absl"), so filter by source file, not logger name.
+    logging.get_absl_handler().addFilter(_QuietOrbax())
+    py_logging.getLogger("jax._src.xla_bridge").setLevel(py_logging.WARNING)  # "no TPU" notices
     import jax
 
     if _DISTRIBUTED.value:

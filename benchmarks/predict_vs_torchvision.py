@@ -51,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--sweep", action="store_true", help="XLA flag sweep on 512:1 (subprocesses)")
     p.add_argument("--json", action="store_true", help="print one JSON line (used by --sweep)")
+    p.add_argument("--conv-micro", action="store_true",
+                   help="3x3 conv 256->256 at 100x152: f32 vs bf16, as conv / im2col dot / 9 dots")
     return p.parse_args(argv)
 
 
@@ -281,10 +283,64 @@ def sweep(args):
               f"{100 * f['peak_share']:.0f} | {bcols} | |")
 
 
+def conv_micro(args):
+    """Why bf16 barely helps on XLA CPU: shows whether the compiled bf16 conv runs in f32, and
+    times the conv written three ways (conv, im2col + one dot, sum of 9 shifted dots)."""
+    if args.xla_flags:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    h, w, c = 100, 152, 256
+    dims = ("NHWC", "HWIO", "NHWC")
+
+    def conv(x, k):
+        return jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=dims)
+
+    def patches(x):
+        xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+        return [xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
+
+    def im2col(x, k):
+        cols = jnp.concatenate(patches(x), -1).reshape(-1, 9 * c)
+        return jnp.dot(cols, k.reshape(9 * c, c), preferred_element_type=jnp.float32).astype(x.dtype)
+
+    def shifted(x, k):
+        acc = sum(jnp.dot(p.reshape(-1, c), k.reshape(9, c, c)[n], preferred_element_type=jnp.float32)
+                  for n, p in enumerate(patches(x)))
+        return acc.astype(x.dtype)
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, h, w, c)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((3, 3, c, c)) * 0.05, jnp.float32)
+    txt = jax.jit(conv).lower(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)).compile().as_text()
+    upcast = any("f32[" in ln and "convolution(" in ln for ln in txt.splitlines())
+    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}: compiled bf16 conv runs in "
+          f"{'f32 (inputs converted up)' if upcast else 'bf16'}")
+    fns = {(n, d): (jax.jit(f), x.astype(d), k.astype(d)) for n, f in
+           [("conv", conv), ("im2col", im2col), ("9 dots", shifted)] for d in (jnp.float32, jnp.bfloat16)}
+    times = {key: [] for key in fns}
+    for f, a, b in fns.values():
+        f(a, b).block_until_ready()
+    for _ in range(args.repeats or 5):  # interleaved
+        for key, (f, a, b) in fns.items():
+            t = time.perf_counter()
+            f(a, b).block_until_ready()
+            times[key].append(time.perf_counter() - t)
+    flop = 2 * h * w * c * c * 9
+    print("| form | f32 GFLOP/s | bf16 GFLOP/s |\n|---|---|---|")
+    for name in ("conv", "im2col", "9 dots"):
+        g = [flop / median(times[(name, d)]) / 1e9 for d in (jnp.float32, jnp.bfloat16)]
+        print(f"| {name} | {g[0]:.1f} | {g[1]:.1f} |")
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.sweep:
         return sweep(args)
+    if args.conv_micro:
+        return conv_micro(args)
     t0 = time.time()
     peak, results = run(args)
     if args.json:

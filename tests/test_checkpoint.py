@@ -11,11 +11,7 @@ from flax.serialization import to_state_dict
 
 from retinanet_jax import parallel
 from retinanet_jax.checkpoint import CheckpointMismatchError, Checkpointer
-from retinanet_jax.training import create_train_state
-
-
-class _Model:  # create_train_state only reads ``frozen_bn`` from the model
-    frozen_bn = False
+from retinanet_jax.training import TrainState
 
 
 def _variables(num_classes=3, seed=0):
@@ -26,8 +22,17 @@ def _variables(num_classes=3, seed=0):
             "batch_stats": {"bn": {"mean": jax.random.normal(k[2], (8,))}}}
 
 
-def _state(mesh, num_classes=3, seed=0):
-    return create_train_state(_Model(), _variables(num_classes, seed), optax.adamw(1e-3), 5, mesh=mesh)
+def _state(mesh, num_classes=3, seed=0, variables=None):
+    """A TrainState (small stand-in params, one of them frozen) placed on ``mesh``."""
+    v = variables or _variables(num_classes, seed)
+    trainable = {"head": {"cls_logits": v["params"]["head"]["cls_logits"], **{
+        k: m for k, m in v["params"]["head"].items() if k not in ("cls_logits", "conv")}}}
+    tx = optax.adamw(1e-3)
+    state = TrainState(step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32), params=trainable,
+                       frozen_params={"head": {"conv": v["params"]["head"]["conv"]}},
+                       batch_stats=v["batch_stats"], opt_state=tx.init(trainable), tx=tx)
+    return jax.tree.map(lambda x, sh: jax.device_put(jnp.array(x, copy=True), sh), state,
+                        parallel.tree_shardings(state, mesh))
 
 
 def _advance(state):
@@ -46,8 +51,8 @@ def _assert_trees_equal(a, b):
 def test_sharded_on_8_devices_restores_on_1_device(tmp_path):
     mesh8 = parallel.make_mesh(data=4, model=2)  # conv kernels split over "model"
     state = _advance(_state(mesh8))
-    assert len(state.params["head"]["conv"]["kernel"].sharding.device_set) == 8
-    assert not state.params["head"]["conv"]["kernel"].sharding.is_fully_replicated
+    kernel = state.frozen_params["head"]["conv"]["kernel"]
+    assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
     with Checkpointer(tmp_path / "ckpt") as ckpt:
         assert ckpt.save(7, state, config={"lr": 0.1}, class_names=["a", "b", "c"],
                          data_state={"epoch": 1, "position": 3}, extra={"note": b"\x00\x01"})
@@ -107,7 +112,7 @@ def test_other_model_raises_naming_key_and_shapes(tmp_path):
 
     other = _variables()
     other["params"]["head"]["extra"] = {"kernel": jnp.zeros((2,))}
-    template = create_train_state(_Model(), other, optax.adamw(1e-3), 5, mesh=mesh)
+    template = _state(mesh, variables=other)
     with pytest.raises(CheckpointMismatchError, match="params/head/extra/kernel"):
         ckpt.restore(template)
     # The failed restores damaged nothing.
