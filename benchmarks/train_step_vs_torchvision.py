@@ -17,9 +17,11 @@ per flag set to compare them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +33,9 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from retinanet_jax import optim, parallel, training
+import flax.linen.linear as flax_linear
+
+from retinanet_jax import conv, optim, parallel, training
 from retinanet_jax.torchvision_port import from_torchvision
 
 TRAINABLE_LAYERS = 3
@@ -74,6 +78,24 @@ def matmul_peak(dtype, n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / statistics.median(times)
 
 
+@contextlib.contextmanager
+def gemm_kernel_grads():
+    """Traces flax convs through ``retinanet_jax.conv`` (GEMM kernel gradients on CPU).
+
+    Experiment only, until models/* pass ``conv_general_dilated=conv.conv_general_dilated``
+    to their nn.Conv layers: swaps the ``lax`` that flax's Conv calls, for the trace only.
+    """
+    original = flax_linear.lax
+    shim = types.SimpleNamespace(**{k: getattr(jax.lax, k) for k in dir(jax.lax)
+                                    if not k.startswith("__")})
+    shim.conv_general_dilated = conv.conv_general_dilated
+    flax_linear.lax = shim
+    try:
+        yield
+    finally:
+        flax_linear.lax = original
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=4)
@@ -81,6 +103,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bf16", action="store_true")
+    parser.add_argument("--gemm-conv-grad", action="store_true",
+                        help="also time ours with retinanet_jax.conv's kernel gradients")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
@@ -113,22 +137,30 @@ def main() -> None:
                                         global_batch_size=args.batch)
     batch = parallel.shard_batch(data, mesh)
     ours = {}
-    for name, dtype in [("f32", None)] + ([] if args.no_bf16 else [("bf16", jnp.bfloat16)]):
+    dtypes = [("f32", None)] + ([] if args.no_bf16 else [("bf16", jnp.bfloat16)])
+    for name, dtype in dtypes + [(n + "+gemm-dW", d) for n, d in dtypes if args.gemm_conv_grad]:
         step = training.make_train_step(model, mesh, compute_dtype=dtype)
         state = training.create_train_state(model, variables, tx, TRAINABLE_LAYERS,
                                             mesh=mesh, schedule=schedule)
-        flops = step.jitted(state).lower(state, batch).cost_analysis()["flops"]
-        ours[name] = {"step": step, "state": state, "flops": flops}
+        gemm = "gemm" in name
+        with gemm_kernel_grads() if gemm else contextlib.nullcontext():  # lower() traces
+            flops = step.jitted(state).lower(state, batch).cost_analysis()["flops"]
+        ours[name] = {"step": step, "state": state, "flops": flops, "gemm": gemm}
 
     def our_step(name: str) -> float:
         entry = ours[name]
-        entry["state"], metrics = entry["step"](entry["state"], batch)  # waits (finite check)
+        with gemm_kernel_grads() if entry["gemm"] else contextlib.nullcontext():
+            entry["state"], metrics = entry["step"](entry["state"], batch)  # waits (finite check)
         return float(metrics["loss"])
 
     variants = [("torchvision f32", lambda: tv_step(False)), ("ours f32", lambda: our_step("f32"))]
+    if args.gemm_conv_grad:
+        variants.append(("ours f32+gemm-dW", lambda: our_step("f32+gemm-dW")))
     if not args.no_bf16:
         variants += [("torchvision bf16 autocast", lambda: tv_step(True)),
                      ("ours bf16", lambda: our_step("bf16"))]
+        if args.gemm_conv_grad:
+            variants.append(("ours bf16+gemm-dW", lambda: our_step("bf16+gemm-dW")))
 
     # Warm-up: the first call of ours includes tracing + XLA compilation. torchvision's bf16
     # variant runs on the weights its f32 warm-up steps already changed; ours each have
@@ -162,11 +194,13 @@ def main() -> None:
             compile_s = first[label][0] - med[label]
             row += f" {gflops:8.1f} {100 * gflops * 1e9 / peak32:8.1f}% {compile_s:9.1f}"
         print(row)
-    print(f"\nours / torchvision f32:  {med['torchvision f32'] / med['ours f32']:.3f}x")
-    if not args.no_bf16:
-        print(f"ours bf16 / torchvision bf16 autocast: "
-              f"{med['torchvision bf16 autocast'] / med['ours bf16']:.3f}x")
-    print(f"model FLOPs per step (XLA cost analysis, f32): {ours['f32']['flops'] / 1e9:.1f} G")
+    print()
+    for label in med:
+        if label.startswith("ours"):
+            ref = "torchvision bf16 autocast" if "bf16" in label else "torchvision f32"
+            print(f"{label} / {ref}: {med[ref] / med[label]:.3f}x")
+    print(f"model FLOPs per step (XLA cost analysis, f32): {ours['f32']['flops'] / 1e9:.1f} G; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any, Optional
 
 import jax
@@ -171,6 +172,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     ``FloatingPointError`` naming the step on a non-finite loss (no checkpoint is written for
     it; earlier ones are intact).
     """
+    if "://" not in str(workdir):  # orbax's async array writes need an absolute local path
+        workdir = os.path.abspath(workdir)
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0

@@ -312,13 +312,5 @@ def make_train_step(
         compute_dtype=compute_dtype, skip_nonfinite=skip_nonfinite, donate=donate,
     )
 
-
-# ------------------------------------------------------------------- the training program
-# train_and_evaluate(config, workdir) -- data pipeline (retinanet_jax.data), periodic COCO
-# evaluation (evaluation.py), orbax checkpoints / resume (checkpoint.py) and metric logging
-# around TrainStep -- is built on this core in a later change; train.py will call it.
-
-
-def train_and_evaluate(config: Any, workdir: str) -> None:
-    """Full training program (not yet implemented; see the comment above)."""
-    raise NotImplementedError("train_and_evaluate is not implemented yet")
+# The training program around this core (data, evaluation, checkpoints, logging) is
+# retinanet_jax.train_loop.train_and_evaluate.
