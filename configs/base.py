@@ -48,6 +48,9 @@ def get_config() -> config_dict.ConfigDict:
     c.model.frozen_bn = True  # [model] FrozenBatchNorm2d when weights_backbone is given
     c.model.bn_eps = 1e-5  # [model] FrozenBatchNorm2d / BatchNorm2d default eps
     c.model.fpn_channels = 256  # [model] out_channels=256
+    # None = torchvision's _default_anchorgen: sizes 32..512 x 2^(0,1/3,2/3), ratios 0.5/1/2 [model]
+    c.model.anchor_sizes = config_dict.placeholder(tuple)  # one tuple of sizes (px) per level P3..P7
+    c.model.aspect_ratios = config_dict.placeholder(tuple)  # one tuple of h/w ratios per level
     c.model.trainable_backbone_layers = 3  # [model] _validate_trainable_layers(..., 5, 3)
     c.model.compute_dtype = "float32"  # torchvision trains in float32 (--amp off by default)
 

@@ -10,6 +10,7 @@ level in ``generate_anchors`` order (aspect ratio major, scale minor).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 
@@ -102,6 +103,20 @@ def anchors_for_image(
     """
     key = (int(image_hw[0]), int(image_hw[1]))
     return _anchors_cached(key, _as_key(sizes), _as_key(aspect_ratios))
+
+
+def model_anchor_config(model: Any) -> tuple[tuple, tuple]:
+    """``(sizes, aspect_ratios)`` of a model: its ``anchor_sizes`` / ``aspect_ratios`` fields,
+    torchvision's defaults where a field is None or absent."""
+    sizes = getattr(model, "anchor_sizes", None) or DEFAULT_SIZES
+    ratios = getattr(model, "aspect_ratios", None) or DEFAULT_ASPECT_RATIOS
+    return _as_key(sizes), _as_key(ratios)
+
+
+def anchors_for_model(model: Any, image_hw: tuple[int, int]) -> np.ndarray:
+    """:func:`anchors_for_image` with the model's anchor sizes and ratios: float32 [A, 4] xyxy."""
+    sizes, ratios = model_anchor_config(model)
+    return anchors_for_image(image_hw, sizes, ratios)
 
 
 def num_anchors_per_level(image_hw: tuple[int, int], anchors_per_location: int = 9) -> tuple[int, ...]:

@@ -307,7 +307,7 @@ def evaluate(model: Any, variables: Any, source: Any, *, mesh: Mesh | None = Non
                 loads.append(pool.submit(_load_rows, source, canvas2, row2[p * local:(p + 1) * local],
                                          min_size, max_size))
             batch = parallel.shard_batch(host_batch, mesh)
-            anchors = jnp.asarray(anchors_lib.anchors_for_image(canvas))
+            anchors = jnp.asarray(anchors_lib.anchors_for_model(model, canvas))
             level_sizes = anchors_lib.num_anchors_per_level(canvas, model.num_anchors)
             out = _detect(variables, batch["images"], batch["image_sizes"], anchors, model=model,
                           level_sizes=level_sizes, post=post)

@@ -177,7 +177,7 @@ def compute_losses(
             raise ValueError(f"no default box_loss for model variant {variant!r}; pass box_loss=")
         box_loss = DEFAULT_BOX_LOSS[variant]
     outputs = model.apply(variables, images, train=False)
-    anchors = anchors_lib.anchors_for_image(tuple(images.shape[1:3]))
+    anchors = anchors_lib.anchors_for_model(model, tuple(images.shape[1:3]))
     return retinanet_losses(
         outputs["cls_logits"],
         outputs["bbox_regression"],

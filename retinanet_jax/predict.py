@@ -45,8 +45,8 @@ def _detect(variables, images, image_sizes, anchors, ratios, *, model, level_siz
 
 
 @functools.lru_cache(maxsize=32)
-def _device_anchors(canvas: tuple[int, int]) -> jax.Array:
-    return jnp.asarray(anchors_lib.anchors_for_image(canvas))
+def _device_anchors(canvas: tuple[int, int], sizes: tuple, ratios: tuple) -> jax.Array:
+    return jnp.asarray(anchors_lib.anchors_for_image(canvas, sizes, ratios))
 
 
 def _next_pow2(n: int) -> int:
@@ -112,7 +112,7 @@ class Predictor:
         # float32 / float32 as torchvision's resize_boxes (new / old size tensors).
         ratios = original_sizes.astype(np.float32) / image_sizes.astype(np.float32)
         level_sizes = anchors_lib.num_anchors_per_level(canvas, self.model.num_anchors)
-        return _detect(self.variables, batch, jnp.asarray(image_sizes), _device_anchors(canvas),
+        return _detect(self.variables, batch, jnp.asarray(image_sizes), _device_anchors(canvas, *anchors_lib.model_anchor_config(self.model)),
                        jnp.asarray(ratios), model=self.model, level_sizes=level_sizes,
                        **self.static)
 

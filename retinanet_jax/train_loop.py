@@ -23,6 +23,7 @@ import numpy as np
 from etils import epath
 
 from retinanet_jax import evaluation, parallel
+from retinanet_jax.anchors import model_anchor_config
 from retinanet_jax.checkpoint import Checkpointer, config_to_dict
 from retinanet_jax.data import (CocoJsonSource, CsvSource, ShapesSource, TfdsSource,
                                 TrainBatchIterator, VocXmlSource)
@@ -93,13 +94,22 @@ def build_sources(config: Any) -> tuple[Any, Any]:
 # ------------------------------------------------------------------------------ model
 
 
-MODEL_FIELDS = ("num_classes", "variant", "backbone", "bn_eps", "frozen_bn", "num_anchors", "fpn_channels")
+MODEL_FIELDS = ("num_classes", "variant", "backbone", "bn_eps", "frozen_bn", "num_anchors", "fpn_channels",
+                "anchor_sizes", "aspect_ratios")
 
 
 def model_spec(model: RetinaNet) -> dict[str, Any]:
     """The model's hyperparameters (stored with checkpoints: a torchvision checkpoint may have
     chosen some of them, e.g. bn_eps, so the config alone does not rebuild the model)."""
     return {f: getattr(model, f) for f in MODEL_FIELDS}
+
+
+def _with_anchors(model: RetinaNet, sizes: tuple, ratios: tuple) -> RetinaNet:
+    n = len(sizes[0]) * len(ratios[0])
+    if n != model.num_anchors:
+        raise ValueError(f"config.model.anchor_sizes / aspect_ratios give {n} anchors per location; "
+                         f"the initial torchvision weights have {model.num_anchors}")
+    return model.clone(anchor_sizes=sizes, aspect_ratios=ratios)
 
 
 def build_model(config: Any, num_classes: int, *, pretrained: bool = True,
@@ -113,6 +123,7 @@ def build_model(config: Any, num_classes: int, *, pretrained: bool = True,
     architecture fails the checkpoint's shape check instead of being silently replaced.
     """
     m, init = config.model, config.init
+    anchors = model_anchor_config(m)
     if init.retinanet_checkpoint and init.backbone_checkpoint:
         raise ValueError("set config.init.retinanet_checkpoint or config.init.backbone_checkpoint, not both")
     from_torchvision = bool(init.retinanet_checkpoint or init.backbone_checkpoint)
@@ -133,9 +144,12 @@ def build_model(config: Any, num_classes: int, *, pretrained: bool = True,
                 seed=config.seed)
         if skipped:
             log.info("initial weights: not loaded (re-initialised): %s", skipped)
+        if anchors != model_anchor_config(model):
+            model = _with_anchors(model, *anchors)  # the torchvision head must fit them
         return model, variables
     fields = dict(num_classes=num_classes, variant=m.variant, backbone=m.backbone, bn_eps=m.bn_eps,
-                  frozen_bn=m.frozen_bn, fpn_channels=m.fpn_channels)
+                  frozen_bn=m.frozen_bn, fpn_channels=m.fpn_channels, anchor_sizes=anchors[0],
+                  aspect_ratios=anchors[1], num_anchors=len(anchors[0][0]) * len(anchors[1][0]))
     fields.update({k: spec[k] for k in ("bn_eps",) if spec and k in spec})
     model = RetinaNet(**fields)
     init_fn = functools.partial(model.init, jax.random.key(config.seed), jnp.zeros((1, 64, 64, 3), jnp.float32))
@@ -207,9 +221,6 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     tx, schedule = make_optimizer(OptimConfig.from_mapping(config.optim), steps_per_epoch, config.batch_size)
     state = create_train_state(model, variables, tx, config.model.trainable_backbone_layers,
                                mesh=mesh, schedule=schedule)
-    # Two equal leaves can share one buffer here (optax's zero Adam moments mu / nu did, and
-    # device_put keeps that); the train step donates the state, which needs distinct buffers.
-    state = jax.tree.map(jnp.copy, state)
     del variables
     config_dict = config_to_dict(config)
     last_eval: Optional[dict] = None

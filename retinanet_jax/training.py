@@ -29,7 +29,7 @@ from flax import struct, traverse_util
 from jax.sharding import Mesh
 
 from retinanet_jax import parallel
-from retinanet_jax.anchors import anchors_for_image
+from retinanet_jax.anchors import anchors_for_model
 from retinanet_jax.models.retinanet import frozen_param_mask
 from retinanet_jax.objective import retinanet_losses
 from retinanet_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -123,11 +123,13 @@ def create_train_state(
         schedule=schedule,
     )
     if mesh is None:
-        return jax.tree.map(lambda x: jnp.array(x, copy=True), host)
-    shardings = parallel.tree_shardings(host, mesh)
-    return jax.tree.map(
-        lambda x, s: jax.device_put(x, s, may_alias=False), host, shardings
-    )
+        placed = host
+    else:
+        placed = jax.tree.map(lambda x, s: jax.device_put(x, s), host, parallel.tree_shardings(host, mesh))
+    # One copy per leaf: equal leaves may share a buffer (optax's zero Adam moments mu / nu do,
+    # and device_put keeps that even with may_alias=False), and so may the caller's variables;
+    # the train step donates the state, which needs every leaf in its own buffer.
+    return jax.tree.map(jnp.copy, placed)
 
 
 # ------------------------------------------------------------------------------- the step
@@ -162,7 +164,7 @@ def train_step(
     classification, bbox_regression, grad_norm (before clipping), lr, is_finite.
     """
     images = normalize_images(batch["images"], batch["image_sizes"])
-    anchors = jnp.asarray(anchors_for_image(tuple(images.shape[1:3])))  # static per canvas
+    anchors = jnp.asarray(anchors_for_model(model, tuple(images.shape[1:3])))  # static per canvas
     # Trainable BN (frozen_bn=False) normalizes with batch statistics and updates its running
     # ones, in frozen stages too -- torchvision's requires_grad_(False) leaves BN in train mode.
     update_stats = not getattr(model, "frozen_bn", True) and bool(state.batch_stats)

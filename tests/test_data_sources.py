@@ -346,16 +346,60 @@ def test_tfds_missing_gives_install_hint(monkeypatch):
         TfdsSource()
 
 
-def test_tfds_coco_mock_data():
-    """Real tfds with tfds.testing.mock_data (runs where tensorflow_datasets is installed)."""
+def _tfds_example(image_id, hw, bbox, label, **flags):
+    n = len(label)
+    objects = {"bbox": np.asarray(bbox, np.float32).reshape(n, 4), "label": np.asarray(label, np.int64)}
+    objects.update({k: np.asarray(v, bool) for k, v in flags.items()})
+    image = np.random.default_rng(image_id).integers(0, 256, (*hw, 3), dtype=np.uint8)
+    return {"image": image, "image/id": image_id, "objects": objects}
+
+
+def test_tfds_coco_and_voc_with_mock_data():
+    """Real tfds builders (coco/2017, voc/2007 features and class names) serving known examples
+    through tfds.testing.mock_data: boxes to pixels, crowd / difficult, empty image, ids."""
     tfds = pytest.importorskip("tensorflow_datasets")
     from retinanet_jax.data.tfds_source import COCO_CATEGORY_IDS, TfdsSource
 
-    with tfds.testing.mock_data(num_examples=3):
-        src = TfdsSource("coco/2017", "train", on_bad_record="drop")
-        assert len(src) == 3 and len(src.class_names) == 80
+    coco = [_tfds_example(42, (40, 60), [[0.25, 0.5, 0.75, 1.0], [0.0, 0.0, 0.5, 0.5]], [0, 79],
+                          is_crowd=[False, True]),
+            _tfds_example(7, (30, 20), np.zeros((0, 4)), [], is_crowd=[])]
+    with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: coco):
+        src = TfdsSource("coco/2017", "validation")
+        assert len(src) == 2 and len(src.class_names) == 80  # names: label.txt, absent in mocks
         assert src.label_to_category_id == list(COCO_CATEGORY_IDS)
         ex = src[0]
-        h, w = ex["image"].shape[:2]
-        assert ex["image"].dtype == np.uint8 and ex["image"].shape[2] == 3
-        assert np.all(ex["boxes"][:, 2] <= w) and np.all(ex["boxes"][:, 3] <= h)
+        assert ex["image_id"] == 42 and ex["image"].shape == (40, 60, 3)
+        # tfds bbox = normalized [ymin, xmin, ymax, xmax]; the crowd box is dropped.
+        np.testing.assert_array_equal(ex["boxes"], [[30, 10, 60, 30]])
+        np.testing.assert_array_equal(ex["labels"], [0])
+        assert src[1]["boxes"].shape == (0, 4) and src[1]["image_id"] == 7
+        assert TfdsSource("coco/2017", "validation", keep_crowd=True)[0]["labels"].tolist() == [0, 79]
+
+    voc = [_tfds_example(0, (50, 50), [[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.4, 0.9]], [14, 6],
+                         is_difficult=[False, True], is_truncated=[False, False])]
+    with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: voc):
+        src = TfdsSource("voc/2007", "test")
+        assert len(src.class_names) == 20 and src.label_to_category_id == list(range(20))
+        ex = src[0]
+        np.testing.assert_allclose(ex["boxes"], [[5, 5, 25, 25]], rtol=1e-6)
+        assert ex["labels"].tolist() == [14] and ex["difficult"].tolist() == [False]
+        kept = TfdsSource("voc/2007", "test", keep_difficult=True)[0]
+        assert kept["difficult"].tolist() == [False, True]
+
+
+def test_tfds_random_mock_data_reads_or_names_the_record():
+    """tfds's own random examples: each is read, or rejected naming dataset, split and index."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from retinanet_jax.data.tfds_source import TfdsSource
+
+    with tfds.testing.mock_data(num_examples=4):
+        src = TfdsSource("coco/2017", "train", on_bad_record="drop")
+        for i in range(len(src)):
+            try:
+                ex = src[i]
+            except DataError as e:
+                assert f"tfds coco/2017[train] index {i}: objects fields have different lengths" in str(e)
+                continue
+            h, w = ex["image"].shape[:2]
+            assert ex["image"].dtype == np.uint8 and ex["image"].shape[2] == 3
+            assert np.all(ex["boxes"][:, 2] <= w) and np.all(ex["boxes"][:, 3] <= h)

@@ -213,6 +213,27 @@ def test_bad_arguments_raise():
 
 # ---- end to end: compute_losses on converted torchvision models --------------------------------
 
+def test_compute_losses_uses_the_models_anchors():
+    from retinanet_jax.models.retinanet import RetinaNet
+
+    sizes = ((12, 16), (24, 32), (48, 64), (96, 128), (192, 256))
+    ratios = ((0.5, 1.0, 2.0),) * 5
+    model = RetinaNet(num_classes=3, backbone="resnet18", fpn_channels=32, num_anchors=6,
+                      anchor_sizes=sizes, aspect_ratios=ratios)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 96, 3)), jnp.float32)
+    variables = model.init(jax.random.key(0), images)
+    boxes = np.array([[[4, 6, 20, 18], [30, 10, 80, 60]]], np.float32)
+    labels = np.array([[0, 2]], np.int32)
+    got = compute_losses(model, variables, images, {"boxes": boxes, "labels": labels})
+    out = model.apply(variables, images)
+    want = retinanet_losses(out["cls_logits"], out["bbox_regression"],
+                            anchors_for_image((64, 96), sizes, ratios), boxes, labels, box_loss="l1")
+    for k in want:
+        np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-6, err_msg=k)
+    with pytest.raises(ValueError, match="num_anchors=9 but anchor_sizes"):
+        model.clone(num_anchors=9).init(jax.random.key(0), images)
+
+
 E2E_HW = (160, 224)
 
 

@@ -149,9 +149,15 @@ def pair():
     return [rand_image(70, 110), rand_image(130, 90)]
 
 
-def test_predict_equals_manual_pipeline(small_model):
-    """predict = preprocess_batch -> apply -> postprocess -> boxes * (original / resized)."""
+SMALL_ANCHORS = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in (12, 24, 48, 96, 192))
+
+
+@pytest.mark.parametrize("anchor_sizes", [None, SMALL_ANCHORS])
+def test_predict_equals_manual_pipeline(small_model, anchor_sizes):
+    """predict = preprocess_batch -> apply -> postprocess -> boxes * (original / resized),
+    with the model's own anchors (torchvision's by default)."""
     model, variables = small_model
+    model = model.clone(anchor_sizes=anchor_sizes)
     images = pair()
     dets = predict(model, variables, images, **OPTS)
     batch, sizes = preprocess_batch(images, min_size=96, max_size=160)
@@ -159,7 +165,7 @@ def test_predict_equals_manual_pipeline(small_model):
     out = jax.jit(model.apply)(variables, batch)
     canvas = batch.shape[1:3]
     boxes, scores, labels, n = postprocess(
-        out["cls_logits"], out["bbox_regression"], jnp.asarray(anchors_lib.anchors_for_image(canvas)),
+        out["cls_logits"], out["bbox_regression"], jnp.asarray(anchors_lib.anchors_for_image(canvas, anchor_sizes or anchors_lib.DEFAULT_SIZES)),
         anchors_lib.num_anchors_per_level(canvas), jnp.asarray(sizes), score_thresh=0.0,
         detections_per_img=50)
     for i, (img, d) in enumerate(zip(images, dets)):

@@ -268,3 +268,21 @@ def test_normalize_images_matches_torchvision_arithmetic_and_zeroes_padding():
     want[1, 5:] = 0
     want[1, :, 3:] = 0
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mesh_key", [None, "1dev", "8dev"])
+def test_created_state_leaves_have_their_own_buffers(mesh_key):
+    """Adam's zero moments mu / nu start equal (optax may hand out one buffer for both); the
+    step donates the state, so no two leaves -- nor a leaf and the caller's variables -- may
+    share a buffer."""
+    model = tiny_model(False)
+    tx = optax.adam(1e-3)
+    variables = jax.tree.map(jnp.asarray, tiny_variables(False))
+    mesh = None if mesh_key is None else MESHES[mesh_key]()
+    state = training.create_train_state(model, variables, tx, 5, mesh=mesh)
+    pointers = [s.data.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state)
+                for s in leaf.addressable_shards]
+    assert len(pointers) == len(set(pointers))
+    given = {s.data.unsafe_buffer_pointer() for leaf in jax.tree.leaves(variables)
+             for s in leaf.addressable_shards}
+    assert not given & set(pointers)

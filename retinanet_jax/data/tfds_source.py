@@ -108,6 +108,12 @@ class TfdsSource:
             image = image[..., :3]  # drop alpha, as decode.to_rgb_uint8 does
         h, w = image.shape[:2]
         objects = ex["objects"]
+        # Per-object fields are parallel sequences; a record where they disagree is corrupt
+        # (tfds's random mock_data produces such records), not a droppable bad box.
+        lengths = {k: len(np.asarray(v).reshape(-1, 4) if k == "bbox" else np.asarray(v).reshape(-1))
+                   for k, v in objects.items() if k in ("bbox", "label", "is_crowd", "is_difficult")}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"{where}: objects fields have different lengths {lengths}")
         norm = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)
         boxes = norm[:, [1, 0, 3, 2]] * np.array([w, h, w, h], np.float32)
         labels = np.asarray(objects["label"], np.int32).reshape(-1)

@@ -6,12 +6,13 @@ GeneralizedRCNNTransform and the postprocessing: ``backbone`` (BackboneWithFPN) 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from retinanet_jax import anchors as anchors_lib
 from retinanet_jax.models.fpn import FeaturePyramidNetwork
 from retinanet_jax.models.heads import RetinaNetHead
 from retinanet_jax.models.resnet import ResNet, stage_channels
@@ -61,11 +62,22 @@ class RetinaNet(nn.Module):
     num_anchors: int = 9
     fpn_channels: int = 256
     dtype: Any = jnp.float32
+    # Anchors are not computed by the model, but they define what its outputs mean, so they
+    # travel with it (as torchvision's RetinaNet holds its AnchorGenerator). None = torchvision's
+    # sizes 32..512 x 2^(0, 1/3, 2/3) and ratios (0.5, 1, 2) per level P3..P7.
+    anchor_sizes: Optional[tuple[tuple[int, ...], ...]] = None
+    aspect_ratios: Optional[tuple[tuple[float, ...], ...]] = None
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> dict[str, Array]:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        sizes, ratios = anchors_lib.model_anchor_config(self)
+        per_location = {len(s) * len(r) for s, r in zip(sizes, ratios)}
+        if per_location != {self.num_anchors} or len(sizes) != len(ratios):
+            raise ValueError(
+                f"num_anchors={self.num_anchors} but anchor_sizes x aspect_ratios give "
+                f"{sorted(per_location)} anchors per location (sizes {sizes}, ratios {ratios})")
         features = BackboneWithFPN(
             self.backbone, self.variant, self.bn_eps, self.frozen_bn, self.fpn_channels, self.dtype, name="backbone"
         )(images, train)
