@@ -82,6 +82,7 @@ def get_config() -> config_dict.ConfigDict:
     c.optim.weight_decay = 1e-4  # [train] --wd 1e-4
     c.optim.norm_weight_decay = config_dict.placeholder(float)  # [train] --norm-weight-decay None
     c.optim.schedule = "multistep"  # [train] --lr-scheduler multisteplr
+    c.optim.schedule_unit = "epoch"  # [train] lr_scheduler.step() once per epoch
     c.optim.epochs = 26  # [README] --epochs 26
     c.optim.milestones = (16, 22)  # [README] --lr-steps 16 22
     c.optim.gamma = 0.1  # [train] --lr-gamma 0.1

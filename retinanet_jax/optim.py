@@ -52,6 +52,9 @@ class OptimConfig:
     epochs: int = 26
     milestones: tuple[int, ...] = (16, 22)  # epochs
     gamma: float = 0.1
+    # "epoch": the main factor changes once per epoch (torchvision's scheduler.step() per epoch);
+    # "step": it follows the fractional epoch step / steps_per_epoch (a smooth cosine).
+    schedule_unit: str = "epoch"
     warmup_steps: int = 1000
     warmup_factor: float = 1e-3
     clip_grad_norm: Optional[float] = None  # global-norm clipping of the raw gradient
@@ -97,7 +100,8 @@ def make_schedule(
     ``lr(step) = peak * warmup(step) * main(epoch)`` with ``epoch = step // steps_per_epoch``:
     the warmup is LinearLR from ``warmup_factor`` to 1 over
     ``min(warmup_steps, steps_per_epoch - 1)`` steps (engine.py), and the main factor is
-    MultiStepLR / CosineAnnealingLR(T_max=epochs) stepped once per epoch (train.py).
+    MultiStepLR / CosineAnnealingLR(T_max=epochs) stepped once per epoch (train.py), or at
+    every step with ``schedule_unit="step"`` (cosine over fractional epochs; milestones unchanged).
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
@@ -108,6 +112,8 @@ def make_schedule(
     num_milestones = len(cfg.milestones)
     if cfg.schedule not in ("multistep", "cosine", "constant"):
         raise ValueError(f"schedule must be multistep | cosine | constant, got {cfg.schedule!r}")
+    if cfg.schedule_unit not in ("epoch", "step"):
+        raise ValueError(f"schedule_unit must be epoch | step, got {cfg.schedule_unit!r}")
 
     def schedule(count: jax.Array) -> jax.Array:
         count = jnp.asarray(count, jnp.int32)
@@ -120,7 +126,10 @@ def make_schedule(
             passed = jnp.sum(count >= milestones)
             main = jnp.float32(cfg.gamma) ** passed.astype(jnp.float32)
         elif cfg.schedule == "cosine":
-            epoch = jnp.minimum(count // steps_per_epoch, cfg.epochs).astype(jnp.float32)
+            if cfg.schedule_unit == "step":
+                epoch = jnp.minimum(count.astype(jnp.float32) / steps_per_epoch, cfg.epochs)
+            else:
+                epoch = jnp.minimum(count // steps_per_epoch, cfg.epochs).astype(jnp.float32)
             main = 0.5 * (1.0 + jnp.cos(jnp.float32(math.pi) * epoch / cfg.epochs))
         else:
             main = jnp.float32(1.0)

@@ -1,5 +1,6 @@
 """optim.py: schedules and update rules equal torchvision's recipes (torch as the oracle)."""
 
+import dataclasses
 import math
 
 import jax
@@ -194,3 +195,16 @@ def test_from_mapping_rejects_unknown_keys():
     with pytest.raises(ValueError, match="optimizer must be"):
         optim.make_optimizer(optim.OptimConfig(optimizer="lamb"), 10, 16)
     assert math.isclose(optim.scaled_lr(optim.TORCHVISION_V1, 32), 0.02)
+
+
+def test_per_step_cosine_follows_fractional_epochs():
+    cfg = optim.OptimConfig(optimizer="adamw", base_lr=1e-3, lr_scaling="none", schedule="cosine",
+                            epochs=2, warmup_steps=0, schedule_unit="step")
+    sched = optim.make_schedule(cfg, steps_per_epoch=100, global_batch_size=8)
+    for step in (0, 37, 100, 150, 200, 250):
+        want = 1e-3 * 0.5 * (1 + np.cos(np.pi * min(step / 100, 2) / 2))
+        np.testing.assert_allclose(float(sched(step)), want, rtol=1e-6, atol=1e-12)
+    per_epoch = optim.make_schedule(dataclasses.replace(cfg, schedule_unit="epoch"), 100, 8)
+    assert float(per_epoch(150)) == float(per_epoch(100)) != float(sched(150))
+    with pytest.raises(ValueError, match="schedule_unit"):
+        optim.make_schedule(dataclasses.replace(cfg, schedule_unit="batch"), 100, 8)
