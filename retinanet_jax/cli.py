@@ -1,0 +1,341 @@
+"""``retinanet-jax``: convert | predict | evaluate | export (``python -m retinanet_jax.cli``).
+
+Every sub-command takes a model CHECKPOINT of any kind ``model_io.load_model`` reads: a
+torchvision ``.pth``, a model directory written by ``convert``, or a ``train.py`` workdir (or
+its ``checkpoints/`` directory; best step by eval/AP unless ``--step``). Heavy imports (jax,
+torch) happen inside the commands so that ``--help`` is instant.
+
+Exit status: 0 success; 1 ``predict`` finished but some inputs could not be read; 2 bad
+arguments or an unusable checkpoint / dataset (one line on stderr naming the file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any, Optional, Sequence
+
+PROG = "retinanet-jax"
+_FMT = argparse.RawDescriptionHelpFormatter
+
+CONVERT_EPILOG = """\
+The direction follows DST: a name ending in .pth / .pt gets a torchvision state_dict
+(loadable with load_state_dict(strict=True); needs torch), anything else becomes a model
+directory: model.json (architecture, class names, category ids) + variables.msgpack.
+
+examples:
+  # torchvision COCO weights -> retinanet_jax model directory (variant read from the keys)
+  retinanet-jax convert retinanet_resnet50_fpn_coco-eeacb38b.pth models/coco_v1
+  # a train.py run (best step by eval/AP) -> torchvision .pth
+  retinanet-jax convert runs/shapes shapes.pth
+  # ImageNet ResNet-50 -> 5-class detector to start training from
+  retinanet-jax convert resnet50-0676ba61.pth models/r50_5cls --class-names a,b,c,d,e
+"""
+
+PREDICT_EPILOG = """\
+Writes COCO results JSON: a list of {"image_id", "category_id", "bbox": [x, y, w, h],
+"score", "file_name", "category_name"}; image ids number the inputs 1..N in order.
+Unreadable inputs are reported on stderr by name and skipped; the exit status is 1 then.
+
+examples:
+  retinanet-jax predict models/coco_v1 photos/ -o dets.json --draw overlays/
+  retinanet-jax predict runs/shapes 'data/**/*.png' --display-thresh 0.3 --batch-size 4
+"""
+
+EVALUATE_EPILOG = """\
+The dataset is one of: --data SOURCE KEY=VALUE ... (SOURCE = shapes | coco_json | voc_xml |
+csv | tfds, KEY=VALUE = the source's arguments), --config FILE [--split val|train], or, for
+a train.py checkpoint, the config stored with it. Prints COCO AP/AR and AP per class, and
+writes OUT_DIR/detections.json, metrics.json, pr_all.png and pr_<class>.png (precision-recall
+at IoU 0.50 and averaged over IoU 0.50:0.95).
+
+examples:
+  retinanet-jax evaluate runs/shapes
+  retinanet-jax evaluate models/coco_v1 --data coco_json \\
+      annotation_file=annotations/instances_val2017.json image_dir=val2017 --out-dir eval_coco
+  retinanet-jax evaluate runs/mine --config configs/custom_csv.py --set dataset.val.csv_file=val.csv
+"""
+
+EXPORT_EPILOG = """\
+The exported function (weights baked in) takes
+  images      [B, H, W, 3] uint8 RGB pixels (or float32 already normalized, --input-dtype)
+  image_sizes [B, 2] int32 (h, w) of each image at the top-left of the canvas
+and returns boxes [B, D, 4] (xyxy, canvas pixels), scores [B, D], labels [B, D], num_valid [B].
+It does not resize: resize like torchvision (short side --min-size) before calling it. A
+sidecar OUT.json lists shapes, class names and options. Load it without retinanet_jax:
+  exp = jax.export.deserialize(open("model.jaxexport", "rb").read()); exp.call(images, sizes)
+
+examples:
+  retinanet-jax export models/coco_v1 coco_v1.jaxexport --batch-size 1 --canvas 800 1344
+  retinanet-jax export runs/shapes shapes.jaxexport --batch-size 8 --platforms cpu,cuda
+"""
+
+
+# ------------------------------------------------------------------------------ argument groups
+
+
+def _model_args(p: argparse.ArgumentParser, *, positional: str = "checkpoint") -> None:
+    p.add_argument(positional, metavar=positional.upper(), help="model: torchvision .pth, directory from `convert`, or a train.py "
+                                    "workdir / its checkpoints directory")
+    g = p.add_argument_group("model loading")
+    g.add_argument("--variant", choices=("v1", "v2"), help=".pth only: torchvision retinanet_resnet50_fpn "
+                   "(v1) or _v2 (default: read from the keys)")
+    g.add_argument("--backbone", help=".pth only: resnet18 ... resnext101_32x8d (default: read from the keys)")
+    g.add_argument("--step", type=int, help="train.py checkpoints: step to load (default: best by eval/AP, "
+                   "else the latest)")
+    g.add_argument("--class-names", metavar="NAMES", help="class names, one per model output: a file "
+                   "(one per line) or a comma-separated list (default: stored ones; COCO for 91-output .pth)")
+
+
+def _inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
+    g = p.add_argument_group("inference (defaults: torchvision's, or the training config's sizes)")
+    g.add_argument("--min-size", type=int, help="resize the short side to this (default 800)")
+    g.add_argument("--max-size", type=int, help="... keeping the long side <= this (default 1333)")
+    g.add_argument("--batch-size", type=int, default=batch_size, help=f"images per step (default {batch_size})")
+    g.add_argument("--score-thresh", type=float, help="drop detections scoring <= this (default 0.05)")
+    g.add_argument("--nms-thresh", type=float, help="class-aware NMS IoU threshold (default 0.5)")
+    g.add_argument("--topk-candidates", type=int, help="candidates per FPN level before NMS (default 1000)")
+    g.add_argument("--detections-per-img", type=int, help="keep at most this many per image (default 300)")
+    g.add_argument("--class-agnostic", action="store_true", help="NMS across classes")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``retinanet-jax`` argument parser with its four sub-commands."""
+    parser = argparse.ArgumentParser(prog=PROG, formatter_class=_FMT, description=(
+        "RetinaNet in JAX: convert torchvision weights, detect objects in images, evaluate on a "
+        "dataset, export the detector."),
+                                     epilog="Run `retinanet-jax COMMAND --help` for each command's arguments.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("convert", help="torchvision .pth <-> retinanet_jax checkpoint", formatter_class=_FMT,
+                       description="Convert a model checkpoint between torchvision and retinanet_jax.",
+                       epilog=CONVERT_EPILOG)
+    _model_args(p, positional="src")
+    p.add_argument("dst", metavar="DST", help="output: a .pth / .pt file or a model directory")
+    p.add_argument("--num-classes", type=int, help=".pth only: number of classifier outputs; a different "
+                   "number from the checkpoint's re-initialises the class conv")
+    p.add_argument("--no-verify", action="store_true", help="skip reloading a written .pth into torchvision "
+                   "with strict=True")
+    p.add_argument("--force", action="store_true", help="overwrite DST if it exists")
+
+    p = sub.add_parser("predict", help="detect objects in images; COCO JSON and drawn overlays",
+                       formatter_class=_FMT, description="Detect objects in image files.", epilog=PREDICT_EPILOG)
+    _model_args(p)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, directories or glob patterns")
+    p.add_argument("-o", "--output", default="detections.json", help="COCO results JSON to write "
+                   "(default detections.json)")
+    p.add_argument("--draw", metavar="DIR", help="also write each image with its boxes as DIR/<name>.png")
+    p.add_argument("--display-thresh", type=float, default=0.5, help="draw detections scoring above this "
+                   "(default 0.5; the JSON keeps everything above --score-thresh)")
+    p.add_argument("--recursive", action="store_true", help="descend into subdirectories")
+    p.add_argument("--exact-padding", action="store_true", help="pad each batch to its own size like "
+                   "torchvision (one compilation per batch shape) instead of 3 fixed canvases")
+    _inference_args(p, batch_size=8)
+
+    p = sub.add_parser("evaluate", help="COCO metrics, per-class AP and precision-recall plots",
+                       formatter_class=_FMT, description="Evaluate a model on a dataset with pycocotools.",
+                       epilog=EVALUATE_EPILOG)
+    _model_args(p)
+    g = p.add_argument_group("dataset")
+    g.add_argument("--data", nargs="+", metavar="ARG", help="SOURCE KEY=VALUE ...: a data source "
+                   "(shapes, coco_json, voc_xml, csv, tfds) and its arguments")
+    g.add_argument("--config", help="a training config file (its dataset.<split>)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. dataset.val.num_images=50 (repeatable)")
+    g.add_argument("--split", choices=("val", "train"), default="val", help="config split (default val)")
+    g.add_argument("--max-images", type=int, help="evaluate only the first N images")
+    g.add_argument("--class-map", choices=("auto", "name", "index"), default="auto",
+                   help="pair model outputs with dataset classes by name (auto: if the model has names) "
+                        "or by position")
+    p.add_argument("--out-dir", default="eval", help="where detections.json, metrics.json and the plots go "
+                   "(default ./eval)")
+    _inference_args(p, batch_size=8)
+
+    p = sub.add_parser("export", help="serialise the jitted detector with jax.export", formatter_class=_FMT,
+                       description="Export the detector for a fixed input shape with jax.export.",
+                       epilog=EXPORT_EPILOG)
+    _model_args(p)
+    p.add_argument("output", metavar="OUTPUT", help="file to write (plus OUTPUT.json)")
+    p.add_argument("--canvas", type=int, nargs=2, metavar=("H", "W"), help="input height and width, "
+                   "multiples of 32 (default: min-size x max-size rounded up to 32)")
+    p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8",
+                   help="uint8 pixels (normalized inside) or float32 already normalized (default uint8)")
+    p.add_argument("--platforms", default="cpu,cuda,tpu", help="comma-separated jax.export platforms "
+                   "the file runs on (default cpu,cuda,tpu)")
+    _inference_args(p, batch_size=1)
+    return parser
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def _class_names(arg: Optional[str]) -> Optional[list[str]]:
+    if arg is None:
+        return None
+    if os.path.isfile(arg):
+        with open(arg) as f:
+            return [line.strip() for line in f if line.strip()]
+    return [n.strip() for n in arg.split(",")]
+
+
+def _load(args: argparse.Namespace, path: str) -> Any:
+    from retinanet_jax.model_io import load_model
+
+    loaded = load_model(path, variant=args.variant, backbone=args.backbone, step=args.step,
+                        num_classes=getattr(args, "num_classes", None), class_names=_class_names(args.class_names))
+    print(f"loaded {loaded.source}: {loaded.model.backbone} {loaded.model.variant}, "
+          f"{loaded.model.num_classes} outputs", file=sys.stderr, flush=True)
+    return loaded
+
+
+def _eval_config(config: Any) -> dict[str, Any]:
+    """``config.eval`` as a dict ({} without a config)."""
+    return dict(config.eval) if config is not None and "eval" in config else {}
+
+
+def _options(args: argparse.Namespace, loaded: Any, config: Any = None) -> dict[str, Any]:
+    """Inference options: flags, else the training config's eval values, else torchvision's."""
+    ev, pre = _eval_config(config), loaded.preprocess or {}
+    defaults = {"min_size": 800, "max_size": 1333, "score_thresh": 0.05, "nms_thresh": 0.5,
+                "topk_candidates": 1000, "detections_per_img": 300}
+    out = {}
+    for key, default in defaults.items():
+        flag = getattr(args, key)
+        out[key] = flag if flag is not None else ev.get(key, pre.get(key, default))
+    out["class_agnostic"] = bool(args.class_agnostic)
+    return out
+
+
+# ------------------------------------------------------------------------------ commands
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from retinanet_jax.model_io import save_model
+
+    if os.path.exists(args.dst) and not args.force and (os.path.isfile(args.dst) or os.listdir(args.dst)):
+        raise ValueError(f"{args.dst}: exists (use --force to overwrite)")
+    loaded = _load(args, args.src)
+    if args.dst.endswith((".pth", ".pt")):
+        from retinanet_jax.torchvision_port import to_torchvision
+
+        sd = to_torchvision(loaded.model, loaded.variables)
+        _save_pth(sd, args.dst)
+        if not args.no_verify:
+            print(_verify_pth(args.dst, loaded.model), file=sys.stderr)
+    else:
+        save_model(args.dst, loaded)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+def _save_pth(sd: dict, path: str) -> None:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"writing {path} needs torch (pip install torch)") from e
+    tmp = path + ".tmp"
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def _verify_pth(path: str, model: Any) -> str:
+    """Reload ``path`` into torchvision's RetinaNet with strict=True when that model exists."""
+    from retinanet_jax.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, model_anchor_config
+
+    if model.backbone != "resnet50" or model.fpn_channels != 256 or \
+            model_anchor_config(model) != (DEFAULT_SIZES, DEFAULT_ASPECT_RATIOS):
+        return "not verified: torchvision has no builder for this backbone / FPN width / anchors"
+    try:
+        import torch
+        import torchvision.models.detection as tvd
+    except ImportError:
+        return "not verified: torchvision is not installed"
+    build = tvd.retinanet_resnet50_fpn if model.variant == "v1" else tvd.retinanet_resnet50_fpn_v2
+    tv = build(weights=None, weights_backbone=None, num_classes=model.num_classes)
+    try:
+        tv.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    except RuntimeError as e:  # torch's missing / unexpected keys or shape report
+        raise ValueError(f"{path}: torchvision {build.__name__} refuses it: {e}") from e
+    return f"verified: torchvision {build.__name__}(num_classes={model.num_classes}) loads it with strict=True"
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from retinanet_jax.cli_predict import run_predict
+    from retinanet_jax.data.transforms import make_buckets
+
+    loaded = _load(args, args.checkpoint)
+    opts = _options(args, loaded)
+    buckets = None if args.exact_padding else make_buckets(opts["min_size"], opts["max_size"])
+    return run_predict(loaded, args.inputs, output=args.output, draw_dir=args.draw,
+                       display_thresh=args.display_thresh, recursive=args.recursive,
+                       batch_size=args.batch_size, buckets=buckets, **opts)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from retinanet_jax import cli_evaluate as ce
+
+    loaded = _load(args, args.checkpoint)
+    config = None
+    if args.config or (loaded.config and not args.data):
+        config = ce.load_config(args.config or loaded.config,
+                                ce.parse_assignments(args.set, "--set"))
+    elif args.set:
+        raise ValueError("--set needs --config (or a train.py checkpoint's stored config)")
+    if config is None and not args.data:
+        raise ValueError(f"{args.checkpoint} has no stored dataset: give --data SOURCE KEY=VALUE ... "
+                         "or --config FILE")
+    source = ce.build_source(args.data, config, args.split, loaded.class_names)
+    ev = _eval_config(config)
+    # The config's canvas buckets are for its own sizes: other sizes get the default buckets.
+    buckets = None if args.min_size or args.max_size else ev.get("buckets")
+    return ce.run_evaluate(loaded, source, out_dir=args.out_dir, class_map=args.class_map,
+                           batch_size=args.batch_size, buckets=buckets,
+                           max_images=args.max_images if args.max_images is not None else ev.get("max_images"),
+                           **_options(args, loaded, config))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from retinanet_jax import export
+    from retinanet_jax.model_io import model_spec
+
+    loaded = _load(args, args.checkpoint)
+    opts = _options(args, loaded)
+    canvas = tuple(args.canvas) if args.canvas else \
+        tuple(-(-opts[k] // 32) * 32 for k in ("min_size", "max_size"))
+    platforms = tuple(p.strip() for p in args.platforms.split(",") if p.strip())
+    post = {k: opts[k] for k in ("score_thresh", "topk_candidates", "nms_thresh",
+                                 "detections_per_img", "class_agnostic")}
+    exported = export.export_detector(loaded.model, loaded.variables, batch_size=args.batch_size,
+                                      canvas=canvas, input_dtype=args.input_dtype,
+                                      platforms=platforms, **post)
+    export.save_exported(args.output, exported, {
+        "class_names": loaded.class_names, "category_ids": loaded.category_ids,
+        "resize": {"min_size": opts["min_size"], "max_size": opts["max_size"]},
+        "postprocess": post, "model": model_spec(loaded.model), "source": loaded.source})
+    print(f"wrote {args.output} ({os.path.getsize(args.output) / 1e6:.1f} MB, platforms "
+          f"{','.join(exported.platforms)}) and {args.output}.json")
+    return 0
+
+
+COMMANDS = {"convert": cmd_convert, "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Console-script entry point; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s")
+    logging.getLogger("absl").setLevel(logging.ERROR)  # orbax's read-only / handler notices
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, ImportError, OSError) as e:  # DataError, CheckpointMismatchError are ValueErrors
+        print(f"{PROG} {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
