@@ -7,9 +7,12 @@ than 1 -- sharded by a shape rule (``param_spec``). Under ``jax.jit`` XLA then i
 collectives, so a BatchNorm over a sharded batch sees the global batch and gradients are
 summed over all devices without explicit ``pmean``.
 
-Multi-host: each process loads only its own rows of the global batch and ``shard_batch``
-assembles them into one global array (``jax.make_array_from_process_local_data``).
-Call ``jax.distributed.initialize()`` once, before anything else touches the devices.
+Multi-host: the mesh spans every process's devices (``jax.devices()`` is global once
+``jax.distributed.initialize()`` ran; see ``retinanet_jax.distributed``). Each process loads
+only its own rows of the global batch (``local_batch_size``) and ``shard_batch`` assembles them
+into one global array (``jax.make_array_from_process_local_data``); XLA's collectives then
+cross processes as they cross devices. A ``model`` group must stay inside one process
+(``check_process_layout``), so that each process's rows belong to its devices alone.
 """
 
 from __future__ import annotations
@@ -55,6 +58,35 @@ def make_mesh(
     return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
 
 
+def mesh_devices(num_devices: Optional[int] = None) -> Optional[list[jax.Device]]:
+    """``num_devices`` of the global devices, the same number from every process (None = all).
+
+    Taking the first ``num_devices`` of ``jax.devices()`` would leave later processes without
+    devices (and without a share of the batch) in a multi-process run.
+    """
+    if not num_devices:
+        return None
+    count = jax.process_count()
+    if num_devices % count or num_devices > jax.device_count():
+        raise ValueError(f"config.mesh.num_devices={num_devices} must be a multiple of the "
+                         f"{count} processes and at most the {jax.device_count()} devices")
+    per_process = num_devices // count
+    by_process: dict[int, list[jax.Device]] = {}
+    for d in jax.devices():
+        by_process.setdefault(d.process_index, []).append(d)
+    return [d for p in sorted(by_process) for d in by_process[p][:per_process]]
+
+
+def check_process_layout(mesh: Mesh) -> None:
+    """Raise if a ``data`` index has devices in several processes (a ``model`` group that
+    spans processes): those processes would have to feed identical rows."""
+    for row in np.asarray(mesh.devices).reshape(mesh.shape[DATA_AXIS], -1):
+        if len({d.process_index for d in row}) > 1:
+            raise ValueError(
+                f"config.mesh.model={mesh.shape[MODEL_AXIS]} spans several processes; it must "
+                f"divide each process's {jax.local_device_count()} devices")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array (scalars, metrics, small params)."""
     return NamedSharding(mesh, P())
@@ -97,16 +129,18 @@ def put_tree(tree: PyTree, mesh: Mesh) -> PyTree:
     return jax.device_put(tree, tree_shardings(tree, mesh))
 
 
-def local_batch_size(global_batch_size: int, mesh: Mesh) -> int:
-    """Rows this process loads; checks the global batch splits evenly over ``data``."""
+def local_batch_size(global_batch_size: int, mesh: Mesh, name: str = "global batch") -> int:
+    """Rows this process loads; checks the global batch splits evenly over ``data`` and over
+    the processes. ``name`` (e.g. ``"config.batch_size"``) is what the error calls it."""
     data = mesh.shape[DATA_AXIS]
     if global_batch_size % data:
         raise ValueError(
-            f"global batch {global_batch_size} is not divisible by the data axis ({data})"
+            f"{name}={global_batch_size} is not divisible by the data axis ({data} = "
+            f"{mesh.devices.size} devices / model {mesh.shape[MODEL_AXIS]})"
         )
     if global_batch_size % jax.process_count():
         raise ValueError(
-            f"global batch {global_batch_size} is not divisible by the "
+            f"{name}={global_batch_size} is not divisible by the "
             f"{jax.process_count()} processes"
         )
     return global_batch_size // jax.process_count()

@@ -198,9 +198,13 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         raise ValueError(f"config.model.num_classes={num_classes} < {len(class_names)} dataset classes")
     if config.model.compute_dtype not in DTYPES:
         raise ValueError(f"config.model.compute_dtype must be one of {sorted(DTYPES)}")
-    devices = jax.devices()[:config.mesh.num_devices] if config.mesh.num_devices else None
-    mesh = parallel.make_mesh(model=config.mesh.model, devices=devices)
-    local_batch = parallel.local_batch_size(config.batch_size, mesh)
+    # One global mesh over every process's devices; each process feeds its own rows.
+    mesh = parallel.make_mesh(model=config.mesh.model,
+                              devices=parallel.mesh_devices(config.mesh.num_devices))
+    parallel.check_process_layout(mesh)
+    local_batch = parallel.local_batch_size(config.batch_size, mesh, "config.batch_size")
+    if config.eval.enabled:  # fail now, not at the first evaluation
+        parallel.local_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
 
     ckpt = Checkpointer(workdir / "checkpoints", max_to_keep=config.checkpoint.keep,
                         async_save=config.checkpoint.async_save)
