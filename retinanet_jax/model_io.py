@@ -16,7 +16,7 @@
   ``batch_stats`` are read (no optimizer needed), merged as ``TrainState.variables`` does.
 
 Labels map to COCO category ids with ``category_ids[label]``: torchvision models use the
-category id as the label (identity); models trained here use ``label + 1`` unless stored.
+category id as the label (identity); models trained here store their dataset's ids (``label + 1`` when the dataset has none).
 """
 
 from __future__ import annotations
@@ -271,8 +271,9 @@ def _load_training(path: str, step: Optional[int]) -> LoadedModel:
     _check_variables(model, variables, where)
     ev = config.get("eval") or {}
     pre = {k: ev[k] for k in ("min_size", "max_size") if k in ev} or None
+    ids = (meta.get("extra") or {}).get("category_ids") or _default_category_ids(model.num_classes)
     return LoadedModel(model, variables, list(names) if names else None,
-                       _default_category_ids(model.num_classes), f"train.py checkpoint {where}",
+                       list(ids), f"train.py checkpoint {where}",
                        step=step, config=config, preprocess=pre)
 
 

@@ -260,6 +260,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         progress.message(f"step {at_step}: eval AP {metrics['AP']:.4f} AP50 {metrics['AP50']:.4f}")
         return {"step": at_step, **values}
 
+    # Stored with each checkpoint so that predictions name the dataset's category ids.
+    category_ids = [int(i) for i in getattr(val_src, "label_to_category_id", None)
+                    or evaluation.default_category_ids(num_classes)]
     step = int(state.step)
     writer = MetricWriter(workdir, start_step=step, enabled=is_main)
     progress = Progress(step, num_steps, config.batch_size, enabled=is_main)
@@ -297,7 +300,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
                           data_state=pipeline.get_state(),
                           metrics={k: v for k, v in at_step_eval.items() if k != "step"}
                           if at_step_eval else None,
-                          extra={"model": model_spec(model), "eval": last_eval})
+                          extra={"model": model_spec(model), "eval": last_eval,
+                                 "category_ids": category_ids})
             if preempted:
                 log.warning("preemption at step %d: checkpoint saved, stopping", step)
                 break

@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from retinanet_jax import train_loop
+from retinanet_jax import anchors, train_loop
 from retinanet_jax.checkpoint import Checkpointer
 from retinanet_jax.data import TrainBatchIterator
 
@@ -85,6 +85,9 @@ def test_tiny_run_writes_metrics_checkpoints_and_detections(tmp_path, capsys):
         np.testing.assert_allclose(result[key], eval_lines[0][key])
 
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    meta = Checkpointer(os.path.join(workdir, "checkpoints")).read_meta()
+    assert meta.extra["category_ids"] == [1, 2, 3, 4, 5]  # shapes has none: label + 1
+    assert meta.extra["model"]["anchor_sizes"] == [list(s) for s in anchors.model_anchor_config(cfg.model)[0]]
     dets = json.load(open(os.path.join(workdir, "detections.json")))
     assert len(dets) == 8 * 20  # detections_per_img=20 for each of the 8 images
     assert {d["category_id"] for d in dets} <= {1, 2, 3, 4, 5}
