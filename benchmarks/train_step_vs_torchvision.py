@@ -11,17 +11,16 @@ each, and the medians are reported. Our FLOP/s are compared with a jitted float3
 actually delivers. XLA flags come from the environment (``XLA_FLAGS``), so run the script once
 per flag set to compare them.
 
-    python benchmarks/train_step_vs_torchvision.py [--reps 5] [--batch 4] [--size 512]
+    PYTHONPATH=. python benchmarks/train_step_vs_torchvision.py [--reps 5] [--batch 4] [--size 512]
+        [--lax-conv] [--no-torch] [--no-bf16]
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import time
-import types
 
 import jax
 import jax.numpy as jnp
@@ -32,8 +31,6 @@ from torchvision.models.detection import RetinaNet as TVRetinaNet
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
-
-import flax.linen.linear as flax_linear
 
 from retinanet_jax import conv, optim, parallel, training
 from retinanet_jax.torchvision_port import from_torchvision
@@ -72,28 +69,11 @@ def timed(fn) -> float:
 def matmul_peak(dtype, n: int = 2048, reps: int = 5) -> float:
     """FLOP/s of a jitted n x n matmul (median of ``reps``)."""
     a = jnp.asarray(np.random.default_rng(0).normal(size=(n, n)), dtype)
-    f = jax.jit(lambda x, y: x @ y)
+    # f32 accumulation: XLA:CPU runs bf16 x bf16 -> f32 dots natively, bf16 -> bf16 via f32.
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
     times = [timed(lambda: f(a, a).block_until_ready()) for _ in range(reps)]
     return 2 * n**3 / statistics.median(times)
-
-
-@contextlib.contextmanager
-def gemm_kernel_grads():
-    """Traces flax convs through ``retinanet_jax.conv`` (GEMM kernel gradients on CPU).
-
-    Experiment only, until models/* pass ``conv_general_dilated=conv.conv_general_dilated``
-    to their nn.Conv layers: swaps the ``lax`` that flax's Conv calls, for the trace only.
-    """
-    original = flax_linear.lax
-    shim = types.SimpleNamespace(**{k: getattr(jax.lax, k) for k in dir(jax.lax)
-                                    if not k.startswith("__")})
-    shim.conv_general_dilated = conv.conv_general_dilated
-    flax_linear.lax = shim
-    try:
-        yield
-    finally:
-        flax_linear.lax = original
 
 
 def main() -> None:
@@ -103,8 +83,10 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bf16", action="store_true")
-    parser.add_argument("--gemm-conv-grad", action="store_true",
-                        help="also time ours with retinanet_jax.conv's kernel gradients")
+    parser.add_argument("--lax-conv", action="store_true",
+                        help="also time ours with plain lax convolutions (no conv.py CPU GEMM paths)")
+    parser.add_argument("--no-torch", action="store_true",
+                        help="ours only (quick A/B of our variants; ratios vs the first one)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
@@ -138,29 +120,31 @@ def main() -> None:
     batch = parallel.shard_batch(data, mesh)
     ours = {}
     dtypes = [("f32", None)] + ([] if args.no_bf16 else [("bf16", jnp.bfloat16)])
-    for name, dtype in dtypes + [(n + "+gemm-dW", d) for n, d in dtypes if args.gemm_conv_grad]:
+    for name, dtype in dtypes + [(n + "+lax-conv", d) for n, d in dtypes if args.lax_conv]:
         step = training.make_train_step(model, mesh, compute_dtype=dtype)
         state = training.create_train_state(model, variables, tx, TRAINABLE_LAYERS,
                                             mesh=mesh, schedule=schedule)
-        gemm = "gemm" in name
-        with gemm_kernel_grads() if gemm else contextlib.nullcontext():  # lower() traces
+        mode = "lax" if "lax-conv" in name else "auto"
+        with conv.implementation(mode):  # the mode is read at trace time
             flops = step.jitted(state).lower(state, batch).cost_analysis()["flops"]
-        ours[name] = {"step": step, "state": state, "flops": flops, "gemm": gemm}
+        ours[name] = {"step": step, "state": state, "flops": flops, "mode": mode}
 
     def our_step(name: str) -> float:
         entry = ours[name]
-        with gemm_kernel_grads() if entry["gemm"] else contextlib.nullcontext():
+        with conv.implementation(entry["mode"]):  # the first call traces
             entry["state"], metrics = entry["step"](entry["state"], batch)  # waits (finite check)
         return float(metrics["loss"])
 
     variants = [("torchvision f32", lambda: tv_step(False)), ("ours f32", lambda: our_step("f32"))]
-    if args.gemm_conv_grad:
-        variants.append(("ours f32+gemm-dW", lambda: our_step("f32+gemm-dW")))
+    if args.lax_conv:
+        variants.append(("ours f32+lax-conv", lambda: our_step("f32+lax-conv")))
     if not args.no_bf16:
         variants += [("torchvision bf16 autocast", lambda: tv_step(True)),
                      ("ours bf16", lambda: our_step("bf16"))]
-        if args.gemm_conv_grad:
-            variants.append(("ours bf16+gemm-dW", lambda: our_step("bf16+gemm-dW")))
+        if args.lax_conv:
+            variants.append(("ours bf16+lax-conv", lambda: our_step("bf16+lax-conv")))
+    if args.no_torch:
+        variants = [v for v in variants if not v[0].startswith("torchvision")]
 
     # Warm-up: the first call of ours includes tracing + XLA compilation. torchvision's bf16
     # variant runs on the weights its f32 warm-up steps already changed; ours each have
@@ -199,7 +183,8 @@ def main() -> None:
     for label in med:
         if label.startswith("ours"):
             ref = "torchvision bf16 autocast" if "bf16" in label else "torchvision f32"
-            print(f"{label} / {ref}: {med[ref] / med[label]:.3f}x")
+            ref = ref if ref in med else next(iter(med))  # --no-torch: vs the first variant
+            print(f"{label} / {ref}: {med[ref] / med[label]:.3f}x (images/s ratio)")
     print(f"model FLOPs per step (XLA cost analysis, f32): {ours['f32']['flops'] / 1e9:.1f} G; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 

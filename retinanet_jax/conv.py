@@ -1,28 +1,57 @@
-"""A drop-in ``lax.conv_general_dilated`` whose kernel gradient is fast on CPU.
+"""A drop-in ``lax.conv_general_dilated`` that runs RetinaNet's convolutions faster on CPU.
 
-Why: XLA:CPU lowers the kernel gradient of a convolution (a convolution that contracts over
-batch and space) to a slow generic path for some shapes: measured on 2 cores, a 3x3 conv with
-819 output channels (RetinaNet's class logits) takes ~3x longer than torch's oneDNN, a strided
-1x1 conv ~7x. Written as ``k*k`` matrix products of shifted input windows against the output
-gradient -- ``dW[i, j] = sum_{b,y,x} xpad[b, s*y + i, s*x + j, :]^T g[b, y, x, :]`` -- the same
-FLOPs run as large GEMMs, 2.5-7x faster. On GPU / TPU the native conv gradient is kept
-(``lax.platform_dependent``), so the choice costs nothing there.
+Why: XLA:CPU (jax 0.10) is slow on some convolution forms that torch's oneDNN runs near peak.
+Measured on 2 cores, per conv of ResNet-50-FPN RetinaNet (batch 4, 512x512):
+
+- 1x1 convs: the forward is 1.5-2.5x slower as a convolution than as a matrix product, and
+  their kernel gradient 3-7x slower (``benchmarks/conv_shapes.py``). On CPU a 1x1 conv here
+  *is* a GEMM ``[B*H*W, Cin] x [Cin, Cout]`` (on a strided slice for stride 2), with GEMM
+  input and kernel gradients.
+- kxk kernel gradients with a large feature map and many channels (the 3x3 head convs at
+  P3, above all the 819-output class conv) are 1.5-3x slower than the same FLOPs as ``k*k``
+  GEMMs of shifted input windows against the output gradient --
+  ``dW[i, j] = sum_{b,y,x} xpad[b, s*y + i, s*x + j, :]^T g[b, y, x, :]``. On smaller maps
+  XLA's own is as fast or faster, so ``_gemm_kernel_grad`` picks by shape.
+
+GEMMs contracting over batch*space are written as ``transpose(A) @ B`` with the transpose
+materialised: XLA:CPU sends that form to its fast matmul library (YNNPACK) but the folded
+"contract dim 0" form to a slower generic one. On GPU / TPU everything is lax's own
+(``lax.platform_dependent``), so this module costs nothing there. The forward of a kxk conv
+is always lax's (bit-identical); a 1x1 conv's forward is a dot, equal to rounding.
 
 Use with Flax: ``nn.Conv(..., conv_general_dilated=retinanet_jax.conv.conv_general_dilated)``.
 Anything but an NHWC/HWIO, undilated, ungrouped conv with explicit padding falls back to
-``lax.conv_general_dilated`` unchanged. The forward pass and the input gradient are lax's own.
+``lax.conv_general_dilated`` unchanged; ``with conv.implementation("lax"):`` does so for every
+conv traced inside (for benchmarks and A/B tests).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
+_MODE = contextvars.ContextVar("retinanet_jax_conv_mode", default="auto")
+MODES = ("auto", "lax")
+
+
+@contextlib.contextmanager
+def implementation(mode: str) -> Iterator[None]:
+    """Trace-time switch: "auto" (default: CPU GEMM paths where they pay off) or "lax"
+    (plain ``lax.conv_general_dilated``). Only affects functions *traced* inside."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    token = _MODE.set(mode)
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
 
 
 def _is_nhwc(dimension_numbers: Any, lhs_ndim: int) -> bool:
@@ -41,51 +70,186 @@ def _lax_conv(x, w, strides, padding, precision, preferred):
     )
 
 
-def _kernel_grad_gemm(x, g, kernel_hw, strides, padding, w_dtype):
-    """dW [kh, kw, Cin, Cout] as kh*kw GEMMs over (batch, y, x); accumulates in float32."""
+def _out_dtype(x, w, preferred):
+    return preferred if preferred is not None else jnp.result_type(x, w)
+
+
+def _bits(x):
+    """16-bit floats as uint16 for pure data movement (pad / slice / concat / transpose).
+
+    XLA:CPU's float normalization runs most bf16 ops, copies included, through f32: a
+    bf16 window copy became convert -> f32 copy -> convert (2x the bytes, 3 passes).
+    Integer views move as they are; ``_unbits`` restores the type before a dot."""
+    return lax.bitcast_convert_type(x, jnp.uint16) if x.dtype == jnp.bfloat16 else x
+
+
+def _unbits(x, dtype):
+    return lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
+def _is_1x1(w, padding) -> bool:
+    return w.shape[:2] == (1, 1) and all(p == (0, 0) for p in padding)
+
+
+def _strided(x, strides):
+    """The pixels a padding-free 1x1 conv reads: ``x[:, ::sy, ::sx]``."""
+    if strides == (1, 1):
+        return x
+    return _unbits(lax.slice(_bits(x), (0,) * 4, x.shape, (1, *strides, 1)), x.dtype)
+
+
+def _dot(a, b, precision):
+    # f32 accumulation: XLA:CPU runs bf16 x bf16 -> f32 dots natively (~2x f32), but
+    # bf16 -> bf16 ones through a slow conversion.
+    acc = jnp.promote_types(a.dtype, jnp.float32)
+    return jnp.dot(a, b, precision=precision, preferred_element_type=acc)
+
+
+def _transposed(a):
+    # Materialised transpose: without the barrier XLA folds it into the dot's dimension
+    # numbers, which XLA:CPU then runs through its generic (slower) dot. (XLA:CPU drops
+    # barriers before fusion, so a's elementwise producers may still fuse into the copy.)
+    return _unbits(lax.optimization_barrier(_bits(a).T), a.dtype)
+
+
+def _gemm_kernel_grad(x_shape, w_shape, g_shape) -> bool:
+    """CPU only: kernel gradient as GEMMs (True) or XLA's convolution (False).
+
+    1x1: always (3-7x faster). kxk: when the output map and both channel counts are large
+    (>= 64x64 and Cin*Cout >= 256*256: RetinaNet's P3 head convs, 1.3-3x faster); on
+    smaller maps or narrow convs (regression 36 outputs, ResNet 128-channel 3x3s) XLA's
+    convolution is as fast or faster.
+    """
+    kh, kw, cin, cout = w_shape
+    if (kh, kw) == (1, 1):
+        return True
+    return g_shape[1] * g_shape[2] >= 64 * 64 and cin * cout >= 256 * 256
+
+
+def _row_windows(x, kernel_hw, strides, padding, out_hw):
+    """For each kernel row i, the input windows of its kw taps side by side:
+    ``[B*oh*ow, kw*Cin]`` (kept as uint16 bits, see ``_bits``)."""
+    (kh, kw), (sy, sx), (oh, ow) = kernel_hw, strides, out_hw
     (pt, pb), (pl, pr) = padding
-    xp = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-    sy, sx = strides
-    n, oh, ow, _ = g.shape
-    taps = []
-    for i in range(kernel_hw[0]):  # static k*k unroll: 1, 9 or 49 GEMMs
-        for j in range(kernel_hw[1]):
-            window = lax.slice(
-                xp, (0, i, j, 0),
-                (n, i + (oh - 1) * sy + 1, j + (ow - 1) * sx + 1, xp.shape[3]),
-                (1, sy, sx, 1),
-            )
-            taps.append(jnp.einsum("bhwc,bhwo->co", window, g,
-                                   preferred_element_type=jnp.float32))
-    dw = jnp.stack(taps).reshape(kernel_hw[0], kernel_hw[1], *taps[0].shape)
-    return dw.astype(w_dtype)
+    xp = jnp.pad(_bits(x), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+    n, hp, _, cin = xp.shape
+    cols = jnp.concatenate([
+        lax.slice(xp, (0, 0, j, 0), (n, hp, j + (ow - 1) * sx + 1, cin), (1, 1, sx, 1))
+        for j in range(kw)], axis=-1) if kw > 1 else xp[:, :, : (ow - 1) * sx + 1 : sx]
+    return [lax.slice(cols, (0, i, 0, 0), (n, i + (oh - 1) * sy + 1, ow, kw * cin),
+                      (1, sy, 1, 1)).reshape(-1, kw * cin) for i in range(kh)]
+
+
+def _kernel_grad_gemm(x, g, kernel_hw, strides, padding, precision):
+    """f32 dW [kh, kw, Cin, Cout] as kh GEMMs ``g^T [Cout, M] @ rows_i [M, kw*Cin]`` over the
+    M = batch*space positions (g transposed once, shared by all kernel rows)."""
+    n, oh, ow, cout = g.shape
+    g_t = _transposed(g.reshape(-1, cout))
+    rows = _row_windows(x, kernel_hw, strides, padding, (oh, ow))
+    dw_t = jnp.stack([_dot(g_t, _unbits(r, x.dtype), precision) for r in rows])
+    return dw_t.reshape(kernel_hw[0], cout, kernel_hw[1], x.shape[-1]).transpose(0, 2, 3, 1)
+
+
+def _gemm_conv(x_dtype, w_shape) -> bool:
+    """CPU only: a kxk bf16 conv (forward, and input gradient at stride 1) as GEMMs.
+
+    XLA:CPU runs bf16 convolutions in f32 (it converts them), but bf16 x bf16 -> f32 dots
+    natively at ~2x the f32 rate. The GEMM form pays for window copies and f32 partial sums,
+    so it only wins with wide convs (both channel counts >= 256: ResNet layer3/4, FPN, the
+    head towers and class conv); 128-channel convs and the 36-output regression conv stay
+    XLA's. float32 kxk convs always stay XLA's (as fast as f32 GEMMs or faster there).
+    """
+    return x_dtype == jnp.bfloat16 and min(w_shape[2], w_shape[3]) >= 256
+
+
+def _conv_rows(x, w, strides, padding, precision):
+    """f32 result of a kxk conv as kh GEMMs ``rows_i [B*oh*ow, kw*Cin] @ [kw*Cin, Cout]``
+    (K = kw*Cin: fewer, larger GEMMs than k*k single taps)."""
+    kh, kw, cin, cout = w.shape
+    (pt, pb), (pl, pr) = padding
+    oh = (x.shape[1] + pt + pb - kh) // strides[0] + 1
+    ow = (x.shape[2] + pl + pr - kw) // strides[1] + 1
+    rows = _row_windows(x, (kh, kw), strides, padding, (oh, ow))
+    y = sum(_dot(_unbits(r, x.dtype), w[i].reshape(kw * cin, cout), precision)
+            for i, r in enumerate(rows))
+    return y.reshape(x.shape[0], oh, ow, cout)
+
+
+def _input_grad_rows(w, g, x_hw, padding, precision):
+    """Stride-1 input gradient: the conv of g with the flipped, in/out-swapped kernel."""
+    kh, kw = w.shape[:2]
+    pads = []
+    for size, out, k, (lo, _) in zip(x_hw, g.shape[1:3], (kh, kw), padding):
+        top = k - 1 - lo
+        pads.append((top, size - out + k - 1 - top))
+    w_t = w[::-1, ::-1].transpose(0, 1, 3, 2)
+    return _conv_rows(g, w_t, (1, 1), tuple(pads), precision)
+
+
+def _conv_cpu(x, w, strides, padding, precision, preferred):
+    if not _is_1x1(w, padding):
+        if _gemm_conv(x.dtype, w.shape):
+            return _conv_rows(x, w, strides, padding, precision).astype(_out_dtype(x, w, preferred))
+        return _lax_conv(x, w, strides, padding, precision, preferred)
+    y = _dot(_strided(x, strides), w[0, 0], precision)  # [B,h,w,Cin] @ [Cin,Cout]
+    return y.astype(_out_dtype(x, w, preferred))
+
+
+def _grads_lax(x, w, g, strides, padding, precision, preferred):
+    _, vjp = jax.vjp(lambda x_, w_: _lax_conv(x_, w_, strides, padding, precision, preferred), x, w)
+    return vjp(g)
+
+
+def _grads_cpu(x, w, g, strides, padding, precision, preferred):
+    g = g.astype(x.dtype)
+    if _is_1x1(w, padding):
+        xs = _strided(x, strides)
+        dxs = _dot(g, w[0, 0].T, precision).astype(x.dtype)
+        # Stride s: the conv read every s-th pixel; the others get zero gradient.
+        pads = [(0, 0, 0)] + [
+            (0, size - ((out - 1) * s + 1), s - 1)
+            for size, out, s in zip(x.shape[1:3], g.shape[1:3], strides)
+        ] + [(0, 0, 0)]
+        dx = _unbits(lax.pad(_bits(dxs), jnp.zeros((), _bits(dxs).dtype), pads), x.dtype)
+        c, o = x.shape[-1], g.shape[-1]
+        x2, g2 = xs.reshape(-1, c), g.reshape(-1, o)
+        # Transpose the narrower operand (less memory traffic).
+        dw = _dot(_transposed(x2), g2, precision) if c <= o else _dot(_transposed(g2), x2, precision).T
+        return dx, dw[None, None].astype(w.dtype)
+    gemm_conv = _gemm_conv(x.dtype, w.shape)
+    if not (gemm_conv or _gemm_kernel_grad(x.shape, w.shape, g.shape)):
+        return _grads_lax(x, w, g, strides, padding, precision, preferred)
+    if gemm_conv and strides == (1, 1):
+        dx = _input_grad_rows(w, g, x.shape[1:3], padding, precision).astype(x.dtype)
+    else:
+        # Input gradient: lax's transpose rule. jax.vjp re-traces the forward, which XLA
+        # removes as dead code since only the cotangent is used.
+        _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, w, strides, padding, precision, preferred), x)
+        (dx,) = vjp_x(g)
+    dw = _kernel_grad_gemm(x, g, w.shape[:2], strides, padding, precision)
+    return dx, dw.astype(w.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, w, strides, padding, precision, preferred):
-    return _lax_conv(x, w, strides, padding, precision, preferred)
+    return lax.platform_dependent(
+        x, w, cpu=functools.partial(_conv_cpu, strides=strides, padding=padding,
+                                    precision=precision, preferred=preferred),
+        default=functools.partial(_lax_conv, strides=strides, padding=padding,
+                                  precision=precision, preferred=preferred),
+    )
 
 
 def _conv_fwd(x, w, strides, padding, precision, preferred):
-    return _lax_conv(x, w, strides, padding, precision, preferred), (x, w)
+    return _conv(x, w, strides, padding, precision, preferred), (x, w)
 
 
 def _conv_bwd(strides, padding, precision, preferred, res, g):
     x, w = res
-    # Input gradient: lax's transpose rule (XLA is fast there). jax.vjp re-traces the
-    # forward, which XLA removes as dead code since only the cotangent is used.
-    _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, w, strides, padding, precision, preferred), x)
-    (dx,) = vjp_x(g)
-
-    def native(x, g):
-        _, vjp_w = jax.vjp(lambda w_: _lax_conv(x, w_, strides, padding, precision, preferred), w)
-        return vjp_w(g)[0]
-
-    def gemm(x, g):
-        return _kernel_grad_gemm(x, g.astype(x.dtype), w.shape[:2], strides, padding, w.dtype)
-
-    dw = lax.platform_dependent(x, g, cpu=gemm, default=native)
-    return dx, dw
+    kw = dict(strides=strides, padding=padding, precision=precision, preferred=preferred)
+    return lax.platform_dependent(
+        x, w, g, cpu=functools.partial(_grads_cpu, **kw), default=functools.partial(_grads_lax, **kw)
+    )
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -104,8 +268,8 @@ def conv_general_dilated(
     precision: Any = None,
     preferred_element_type: Any = None,
 ) -> jax.Array:
-    """``lax.conv_general_dilated`` (same signature and result) with a GEMM kernel gradient
-    on CPU for NHWC/HWIO ``[B,H,W,Cin] x [kh,kw,Cin,Cout]`` convolutions."""
+    """``lax.conv_general_dilated`` (same signature and result, up to float rounding for 1x1
+    kernels) with the CPU GEMM paths above for NHWC/HWIO ``[B,H,W,Cin] x [kh,kw,Cin,Cout]``."""
     plain = (
         _is_nhwc(dimension_numbers, lhs.ndim)
         and not isinstance(padding, str)
@@ -114,7 +278,7 @@ def conv_general_dilated(
         and feature_group_count == 1
         and batch_group_count == 1
     )
-    if not plain:
+    if not plain or _MODE.get() == "lax":
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type,

@@ -1,4 +1,4 @@
-"""conv.py: same values and gradients as lax.conv_general_dilated, GEMM kernel gradient on CPU."""
+"""conv.py: same values and gradients as lax.conv_general_dilated, GEMM paths on CPU."""
 
 import flax.linen as nn
 import jax
@@ -19,14 +19,27 @@ def _grads(fn, x, w, strides, padding, dn):
     return jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w)
 
 
+@pytest.fixture(params=["rule", "gemm_dw", "gemm_conv"])
+def kernel_grad_rule(request, monkeypatch):
+    """The kxk paths on small float32 shapes: the shape rules (XLA's conv there), the GEMM
+    kernel gradient forced, and the whole conv as GEMMs (the bf16 path) forced."""
+    if request.param == "gemm_dw":
+        monkeypatch.setattr(conv, "_gemm_kernel_grad", lambda *shapes: True)
+    if request.param == "gemm_conv":
+        monkeypatch.setattr(conv, "_gemm_conv", lambda *args: True)
+    return request.param
+
+
 @pytest.mark.parametrize("shape, k, stride, pad, cout", [
     ((2, 17, 15, 8), 3, 1, 1, 12),  # odd sizes
     ((2, 16, 16, 8), 3, 2, 1, 6),  # strided 3x3 (ResNet / P6, P7)
     ((2, 16, 16, 8), 1, 2, 0, 5),  # strided 1x1 (downsample)
+    ((2, 15, 17, 8), 1, 2, 0, 5),  # strided 1x1, odd sizes (last row/column read)
+    ((2, 16, 14, 6), 1, 1, 0, 9),  # 1x1, Cin < Cout (the other transposed operand)
     ((1, 20, 22, 3), 7, 2, 3, 4),  # the stem
     ((2, 9, 9, 4), 3, 2, 1, 7),  # last row/column of the padded input unused
 ])
-def test_values_and_gradients_equal_lax(shape, k, stride, pad, cout):
+def test_values_and_gradients_equal_lax(shape, k, stride, pad, cout, kernel_grad_rule):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, k, shape[-1], cout)), jnp.float32)
@@ -34,25 +47,35 @@ def test_values_and_gradients_equal_lax(shape, k, stride, pad, cout):
     padding = ((pad, pad), (pad, pad))
     want_v, (want_dx, want_dw) = _grads(lax.conv_general_dilated, x, w, (stride, stride), padding, dn)
     got_v, (got_dx, got_dw) = _grads(conv.conv_general_dilated, x, w, (stride, stride), padding, dn)
-    np.testing.assert_allclose(got_v, want_v, rtol=1e-6)
-    np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-5)
+    # 1x1 forward (and kxk with gemm_conv) is a dot: float32 rounding only; else lax's own.
+    exact = k > 1 and kernel_grad_rule != "gemm_conv"
+    np.testing.assert_allclose(got_v, want_v, rtol=1e-6 if exact else 1e-5, atol=0 if exact else 1e-4)
+    np.testing.assert_allclose(got_dx, want_dx, rtol=1e-5, atol=1e-5 if exact else 1e-4)
     # Different summation order (GEMM over batch*space vs conv): float32 rounding only.
     np.testing.assert_allclose(got_dw, want_dw, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the GEMM path is CPU-only")
-def test_cpu_kernel_gradient_is_the_gemm_path():
-    x, w, g = jnp.ones((1, 8, 8, 4)), jnp.ones((3, 3, 4, 8)), jnp.ones((1, 8, 8, 8))
+def _kernel_grad_hlo(fn, k, x_shape=(1, 8, 8, 4), cout=8):
+    x, w = jnp.ones(x_shape), jnp.ones((k, k, x_shape[-1], cout))
+    g = jnp.ones(x_shape[:3] + (cout,))
+    pad = ((k // 2, k // 2),) * 2
 
-    def kernel_grad_hlo(fn):
-        def dw(x, w, g):
-            f = lambda w: fn(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
-            return jax.vjp(f, w)[1](g)[0]
-        return jax.jit(dw).lower(x, w, g).compile().as_text()
+    def dw(x, w, g):
+        f = lambda w: fn(x, w, (1, 1), pad, dimension_numbers=NHWC)
+        return jax.vjp(f, w)[1](g)[0]
+    return jax.jit(dw).lower(x, w, g).compile().as_text()
 
-    ours = kernel_grad_hlo(conv.conv_general_dilated)
-    assert "convolution" not in ours and "dot" in ours  # 9 GEMMs, no conv (forward is DCE'd)
-    assert "convolution" in kernel_grad_hlo(lax.conv_general_dilated)
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the GEMM paths are CPU-only")
+def test_cpu_gemm_paths():
+    # 1x1: forward and kernel gradient are dots; kxk: the rule picks by shape.
+    assert "convolution" not in _kernel_grad_hlo(conv.conv_general_dilated, 1)
+    assert "convolution" in _kernel_grad_hlo(lax.conv_general_dilated, 1)
+    assert "convolution" in _kernel_grad_hlo(conv.conv_general_dilated, 3)  # small: XLA's conv
+    big = _kernel_grad_hlo(conv.conv_general_dilated, 3, (1, 64, 64, 256), 256)  # P3 head conv
+    assert "convolution" not in big and "dot" in big  # 9 GEMMs, no conv (forward is DCE'd)
+    with conv.implementation("lax"):
+        assert "convolution" in _kernel_grad_hlo(conv.conv_general_dilated, 1)
 
 
 def test_unsupported_forms_fall_back_to_lax():
@@ -63,6 +86,16 @@ def test_unsupported_forms_fall_back_to_lax():
     want = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC,
                                     rhs_dilation=(2, 2))
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the GEMM paths are CPU-only")
+def test_bf16_wide_conv_is_gemms_without_f32_copies():
+    x, w = jnp.ones((1, 8, 8, 256), jnp.bfloat16), jnp.ones((3, 3, 256, 256), jnp.bfloat16)
+    f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+    hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32)), (0, 1))).lower(x, w)
+    hlo = hlo.compile().as_text()
+    assert "convolution" not in hlo and "dot" in hlo
+    assert "f32[1,10,8,768]" not in hlo  # window copies stay 16-bit (bitcast to uint16)
 
 
 def test_works_as_flax_conv_hook_in_bf16():
