@@ -12,8 +12,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retinanet_jax.conv import conv_general_dilated
-
 Array = jax.Array
 
 # name -> (block, blocks per stage, groups, width_per_group); torchvision.models.resnet builders.
@@ -154,7 +152,6 @@ def _conv_factory(dtype: Any):
             dtype=dtype,
             param_dtype=jnp.float32,
             kernel_init=resnet_kernel_init,
-            conv_general_dilated=conv_general_dilated,  # CPU GEMM paths, see conv.py
             name=name,
         )
 
