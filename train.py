@@ -16,7 +16,7 @@ import logging as py_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from retinanet_jax import distributed  # no jax device work at import
+from retinanet_jax import distributed, hostmem  # no jax device work at import
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/shapes.py", "Training configuration file (get_config()).", lock_config=True)
@@ -58,4 +58,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    hostmem.reexec_with_hugepages()  # before jax: see retinanet_jax/hostmem.py
     app.run(main)

@@ -337,5 +337,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+def console_main() -> int:
+    """The ``retinanet-jax`` command: huge-page malloc for XLA:CPU (see ``hostmem``), then main."""
+    from retinanet_jax import hostmem
+
+    hostmem.reexec_with_hugepages()
+    return main()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

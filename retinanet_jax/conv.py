@@ -1,23 +1,26 @@
 """A drop-in ``lax.conv_general_dilated`` that runs RetinaNet's convolutions faster on CPU.
 
-Why: XLA:CPU (jax 0.10) is slow on some convolution forms that torch's oneDNN runs near peak.
-Measured on 2 cores, per conv of ResNet-50-FPN RetinaNet (batch 4, 512x512):
+Why: XLA:CPU (jax 0.10) is slow on some convolution forms that torch's oneDNN runs near peak
+(per-shape numbers: ``benchmarks/conv_shapes.py``; 2 cores, batch 4, 512x512):
 
 - 1x1 convs: the forward is 1.5-2.5x slower as a convolution than as a matrix product, and
-  their kernel gradient 3-7x slower (``benchmarks/conv_shapes.py``). On CPU a 1x1 conv here
-  *is* a GEMM ``[B*H*W, Cin] x [Cin, Cout]`` (on a strided slice for stride 2), with GEMM
-  input and kernel gradients.
+  their kernel gradient 3-9x slower. On CPU a 1x1 conv here *is* a GEMM
+  ``[B*H*W, Cin] x [Cin, Cout]`` (on a strided slice for stride 2), with GEMM gradients.
 - kxk kernel gradients with a large feature map and many channels (the 3x3 head convs at
-  P3, above all the 819-output class conv) are 1.5-3x slower than the same FLOPs as ``k*k``
-  GEMMs of shifted input windows against the output gradient --
-  ``dW[i, j] = sum_{b,y,x} xpad[b, s*y + i, s*x + j, :]^T g[b, y, x, :]``. On smaller maps
-  XLA's own is as fast or faster, so ``_gemm_kernel_grad`` picks by shape.
+  P3, above all the 819-output class conv) are 1.3-3x slower than the same FLOPs as GEMMs
+  of shifted input windows against the output gradient,
+  ``dW[i, j] = sum_{b,y,x} xpad[b, s*y + i, s*x + j, :]^T g[b, y, x, :]`` (one GEMM per kernel
+  row, its kw taps side by side). On smaller maps XLA's own is as fast, so
+  ``_gemm_kernel_grad`` picks by shape.
+- bfloat16: XLA:CPU converts bf16 convolutions to f32, but runs bf16 x bf16 -> f32 dots
+  natively at ~2x the f32 rate. Wide bf16 kxk convs (``_gemm_conv``) therefore run as GEMMs
+  too: forward, stride-1 input gradient and kernel gradient.
 
 GEMMs contracting over batch*space are written as ``transpose(A) @ B`` with the transpose
 materialised: XLA:CPU sends that form to its fast matmul library (YNNPACK) but the folded
 "contract dim 0" form to a slower generic one. On GPU / TPU everything is lax's own
-(``lax.platform_dependent``), so this module costs nothing there. The forward of a kxk conv
-is always lax's (bit-identical); a 1x1 conv's forward is a dot, equal to rounding.
+(``lax.platform_dependent``), so this module costs nothing there. On CPU the forward of a
+float32 kxk conv is lax's (bit-identical); GEMM forms equal it to float rounding.
 
 Use with Flax: ``nn.Conv(..., conv_general_dilated=retinanet_jax.conv.conv_general_dilated)``.
 Anything but an NHWC/HWIO, undilated, ungrouped conv with explicit padding falls back to
@@ -36,15 +39,18 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from retinanet_jax import winograd
+
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _MODE = contextvars.ContextVar("retinanet_jax_conv_mode", default="auto")
-MODES = ("auto", "lax")
+MODES = ("auto", "gemm", "lax")
 
 
 @contextlib.contextmanager
 def implementation(mode: str) -> Iterator[None]:
-    """Trace-time switch: "auto" (default: CPU GEMM paths where they pay off) or "lax"
-    (plain ``lax.conv_general_dilated``). Only affects functions *traced* inside."""
+    """Trace-time switch: "auto" (default: on CPU, Winograd for wide stride-1 3x3 convs and
+    GEMM paths where they pay off), "gemm" (the GEMM paths but no Winograd) or "lax" (plain
+    ``lax.conv_general_dilated``). Only affects functions *traced* inside."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     token = _MODE.set(mode)
@@ -150,16 +156,32 @@ def _kernel_grad_gemm(x, g, kernel_hw, strides, padding, precision):
     return dw_t.reshape(kernel_hw[0], cout, kernel_hw[1], x.shape[-1]).transpose(0, 2, 3, 1)
 
 
+WINOGRAD_MIN_CHANNELS = 64
+WINOGRAD_DTYPES = (jnp.float32, jnp.bfloat16)
+
+
+def _use_winograd(x, w, strides, padding) -> bool:
+    """CPU only: a stride-1 3x3 float32 conv by Winograd F(2x2, 3x3) (``winograd.py``).
+
+    2.25x fewer multiplications for forward, input and kernel gradient; the transforms are
+    memory-bound, so narrow convs (the stem, ``min(Cin, Cout)`` below 64) stay direct.
+    bfloat16 keeps the GEMM forms below (Winograd's transformed tiles would be rounded to bf16).
+    """
+    return (w.shape[:2] == (3, 3) and strides == (1, 1) and x.dtype in WINOGRAD_DTYPES
+            and all(lo <= 1 and hi <= 1 for lo, hi in padding)
+            and min(w.shape[2], w.shape[3]) >= WINOGRAD_MIN_CHANNELS)
+
+
 def _gemm_conv(x_dtype, w_shape) -> bool:
     """CPU only: a kxk bf16 conv (forward, and input gradient at stride 1) as GEMMs.
 
     XLA:CPU runs bf16 convolutions in f32 (it converts them), but bf16 x bf16 -> f32 dots
     natively at ~2x the f32 rate. The GEMM form pays for window copies and f32 partial sums,
-    so it only wins with wide convs (both channel counts >= 256: ResNet layer3/4, FPN, the
-    head towers and class conv); 128-channel convs and the 36-output regression conv stay
-    XLA's. float32 kxk convs always stay XLA's (as fast as f32 GEMMs or faster there).
+    so it is kept to convs with both channel counts >= 128 (everything but the stem and the
+    36-output regression conv; 256 instead of 128 was 2.6% slower per train step, 32 no
+    faster). float32 kxk convs always stay XLA's (as fast as f32 GEMMs or faster there).
     """
-    return x_dtype == jnp.bfloat16 and min(w_shape[2], w_shape[3]) >= 256
+    return x_dtype == jnp.bfloat16 and min(w_shape[2], w_shape[3]) >= 128
 
 
 def _conv_rows(x, w, strides, padding, precision):
@@ -285,4 +307,13 @@ def conv_general_dilated(
         )
     strides = tuple(int(s) for s in window_strides)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if _MODE.get() == "auto" and _use_winograd(lhs, rhs, strides, pads):
+        # No custom_vjp: autodiff through the Winograd form is Winograd too (see winograd.py).
+        return lax.platform_dependent(
+            lhs, rhs,
+            cpu=functools.partial(winograd.conv3x3, padding=pads, precision=precision,
+                                  preferred_element_type=preferred_element_type),
+            default=functools.partial(_lax_conv, strides=strides, padding=pads,
+                                      precision=precision, preferred=preferred_element_type),
+        )
     return _conv(lhs, rhs, strides, pads, precision, preferred_element_type)

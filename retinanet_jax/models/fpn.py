@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retinanet_jax.conv import conv_general_dilated
+
 Array = jax.Array
 
 # torchvision FeaturePyramidNetwork / LastLevelP6P7: kaiming_uniform_(a=1) => bound sqrt(3 / fan_in).
@@ -97,6 +99,7 @@ def _conv_factory(features: int, dtype: Any):
             param_dtype=jnp.float32,
             kernel_init=fpn_kernel_init,
             bias_init=nn.initializers.zeros,
+            conv_general_dilated=conv_general_dilated,  # CPU GEMM paths, see conv.py
             name=name,
         )
 

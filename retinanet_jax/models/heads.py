@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from retinanet_jax.conv import conv_general_dilated
+
 Array = jax.Array
 
 PRIOR_PROBABILITY = 0.01
@@ -53,6 +55,7 @@ def _tower(
             param_dtype=jnp.float32,
             kernel_init=head_kernel_init,
             bias_init=bias_init,
+            conv_general_dilated=conv_general_dilated,  # CPU GEMM paths, see conv.py
             name=name,
         )
 

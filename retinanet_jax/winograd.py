@@ -1,0 +1,96 @@
+"""Winograd F(2x2, 3x3): a stride-1 3x3 convolution with 2.25x fewer multiplications.
+
+Why: RetinaNet's heads are ten 3x3 stride-1 convs per pyramid level (about 60% of a
+ResNet-50-FPN training step's FLOPs, the FPN and ResNet 3x3s add more). Direct convolution
+(XLA's, or torch's oneDNN) spends 9 multiply-adds per output pixel and channel pair; Winograd's
+minimal filtering (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016)
+spends 16 per 2x2 output tile, i.e. 4. On CPU the work becomes 16 independent GEMMs
+``V[t] [M, Cin] @ U[t] [Cin, Cout]`` over the M = batch*tiles positions, which XLA:CPU runs at
+its matmul peak, plus cheap elementwise transforms:
+
+    y_tile = A^T [ (G w G^T) (.) (B^T d B) ] A,    d = the 4x4 input window of a 2x2 tile.
+
+Everything is differentiable jnp, so jax's autodiff gives the backward in the same form: the
+input gradient is 16 GEMMs ``dM[t] @ U[t]^T`` and the kernel gradient 16 GEMMs
+``V[t]^T @ dM[t]`` (both 2.25x fewer FLOPs than direct), with the transposed transforms around
+them. F(2x2, 3x3)'s transform coefficients are 0, +-1 and 1/2, so float32 results differ from
+direct convolution by rounding only (relative max error ~1e-6 on unit-variance data).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+# Lavin & Gray (2016), F(2x2, 3x3). B^T and A^T are applied by hand below (adds only).
+_G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], np.float32)
+
+
+def _input_1d(d0: Array, d1: Array, d2: Array, d3: Array) -> tuple[Array, ...]:
+    """B^T applied along one axis of a 4-tap window: B^T = [[1,0,-1,0],[0,1,1,0],[0,-1,1,0],[0,1,0,-1]]."""
+    return d0 - d2, d1 + d2, d2 - d1, d1 - d3
+
+
+def _output_1d(m0: Array, m1: Array, m2: Array, m3: Array) -> tuple[Array, Array]:
+    """A^T applied along one axis: A^T = [[1,1,1,0],[0,1,-1,-1]]."""
+    return m0 + m1 + m2, m1 - m2 - m3
+
+
+def kernel_transform(w: Array) -> Array:
+    """``U = G w G^T`` for each (Cin, Cout) pair. w: [3, 3, Cin, Cout] HWIO -> [16, Cin, Cout] f32."""
+    g = jnp.asarray(_G)
+    u = jnp.einsum("ai,ijck,bj->abck", g, w.astype(jnp.float32), g,
+                   precision=jax.lax.Precision.HIGHEST)
+    return u.reshape(16, *w.shape[2:])
+
+
+def input_transform(x: Array, padding: Sequence[tuple[int, int]]) -> tuple[Array, tuple[int, ...]]:
+    """``V = B^T d B`` for every 4x4 window at stride 2. x: [B, H, W, Cin] NHWC.
+
+    Returns V [16, B*th*tw, Cin] (t = 4*row + col of the transformed tile) and
+    (B, th, tw, oh, ow): tile counts and the convolution's output size.
+    """
+    (pt, pb), (pl, pr) = padding
+    n, h, w, c = x.shape
+    oh, ow = h + pt + pb - 2, w + pl + pr - 2
+    th, tw = -(-oh // 2), -(-ow // 2)
+    # Tiles cover 2*th+2 rows: zero rows beyond the conv's own padding only feed the extra
+    # output row/column of an odd-sized output, which is cropped.
+    xp = jnp.pad(x, ((0, 0), (pt, 2 * th + 2 - h - pt), (pl, 2 * tw + 2 - w - pl), (0, 0)))
+    rows = _input_1d(*[xp[:, i: i + 2 * th: 2] for i in range(4)])
+    v = [t for r in rows for t in _input_1d(*[r[:, :, j: j + 2 * tw: 2] for j in range(4)])]
+    return jnp.stack(v).reshape(16, n * th * tw, c), (n, th, tw, oh, ow)
+
+
+def output_transform(m: Array, dims: tuple[int, ...]) -> Array:
+    """``y = A^T m A``: m [16, B*th*tw, Cout] -> y [B, oh, ow, Cout]."""
+    n, th, tw, oh, ow = dims
+    m = m.reshape(4, 4, n, th, tw, m.shape[-1])
+    s = _output_1d(*[m[a] for a in range(4)])
+    y = [_output_1d(*[sa[b] for b in range(4)]) for sa in s]  # y[p][q]: output pixel (p, q) of each tile
+    y = jnp.stack([jnp.stack(yp, axis=3) for yp in y], axis=2)  # [B, th, 2, tw, 2, Cout]
+    return y.reshape(n, 2 * th, 2 * tw, -1)[:, :oh, :ow]
+
+
+def conv3x3(x: Array, w: Array, padding: Sequence[tuple[int, int]] = ((1, 1), (1, 1)),
+            precision: Any = None, preferred_element_type: Any = None) -> Array:
+    """Stride-1, undilated 3x3 convolution by Winograd F(2x2, 3x3).
+
+    x: [B, H, W, Cin] NHWC, w: [3, 3, Cin, Cout] HWIO, padding ((top, bottom), (left, right)).
+    Returns [B, H + top + bottom - 2, W + left + right - 2, Cout], equal to
+    ``lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC)`` up to float
+    rounding. Transforms run in float32; the GEMMs in the input dtype with f32 accumulation.
+    """
+    if w.shape[:2] != (3, 3):
+        raise ValueError(f"conv3x3 needs a 3x3 kernel, got {w.shape}")
+    out_dtype = preferred_element_type or jnp.result_type(x, w)
+    v, dims = input_transform(x.astype(jnp.float32), padding)
+    u = kernel_transform(w)
+    m = jnp.einsum("tmc,tck->tmk", v.astype(x.dtype), u.astype(x.dtype), precision=precision,
+                   preferred_element_type=jnp.float32)
+    return output_transform(m, dims).astype(out_dtype)

@@ -1,0 +1,96 @@
+"""winograd.py: F(2x2, 3x3) equals direct convolution (values and gradients) up to rounding."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from retinanet_jax import conv, winograd
+
+NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _direct(x, w, padding):
+    return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC,
+                                    precision=lax.Precision.HIGHEST)
+
+
+def _value_and_grads(fn, x, w, padding):
+    # sin: a cotangent that differs at every output pixel, so misplaced gradients show.
+    loss = lambda x, w: jnp.sum(jnp.sin(fn(x, w, padding)))
+    return jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w), jax.jit(fn, static_argnums=2)(x, w, padding)
+
+
+@pytest.mark.parametrize("shape, cout, padding", [
+    ((2, 16, 16, 8), 12, ((1, 1), (1, 1))),  # even output: whole tiles
+    ((2, 17, 15, 8), 5, ((1, 1), (1, 1))),  # odd output sizes: the last tile row/column cropped
+    ((1, 9, 10, 3), 4, ((0, 0), (0, 0))),  # 'VALID'
+    ((1, 8, 11, 4), 6, ((1, 0), (0, 1))),  # asymmetric padding
+    ((3, 1, 1, 4), 2, ((1, 1), (1, 1))),  # a 1x1 map (P7 of a small image)
+])
+def test_equals_direct_convolution(shape, cout, padding):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, shape[-1], cout)), jnp.float32)
+    (want_l, (want_dx, want_dw)), want = _value_and_grads(_direct, x, w, padding)
+    (got_l, (got_dx, got_dw)), got = _value_and_grads(
+        lambda x, w, p: winograd.conv3x3(x, w, p, precision=lax.Precision.HIGHEST), x, w, padding)
+    assert got.shape == want.shape
+    # float32 rounding only (the transforms add at most 4 terms with coefficients 1 and 1/2);
+    # a misplaced tap or tile would be off by O(1) of the scale.
+    scale = float(jnp.max(jnp.abs(want)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale)
+    np.testing.assert_allclose(got_dx, want_dx, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want_dx))))
+    np.testing.assert_allclose(got_dw, want_dw, rtol=0, atol=1e-5 * float(jnp.max(jnp.abs(want_dw))))
+    np.testing.assert_allclose(got_l, want_l, rtol=1e-5)
+
+
+def test_identity_kernel_is_identity():
+    # The centre tap alone copies the input (to rounding: the tiles sum and cancel terms).
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 7, 9, 5)), jnp.float32)
+    w = jnp.zeros((3, 3, 5, 5)).at[1, 1].set(jnp.eye(5))
+    np.testing.assert_allclose(winograd.conv3x3(x, w, precision=lax.Precision.HIGHEST), x,
+                               rtol=0, atol=1e-6)
+
+
+def test_bfloat16_gemms_stay_close_to_float32():
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(rng.normal(size=(2, 12, 12, 64)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) / 24, jnp.float32)
+    want = _direct(x, w, ((1, 1), (1, 1)))
+    got = winograd.conv3x3(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert got.dtype == jnp.bfloat16
+    # bf16 operands (8-bit mantissa) summed over 576 taps in f32: ~1% of the output scale.
+    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0,
+                               atol=2e-2 * float(jnp.max(jnp.abs(want))))
+
+
+def test_rejects_other_kernels():
+    with pytest.raises(ValueError, match="3x3"):
+        winograd.conv3x3(jnp.ones((1, 4, 4, 2)), jnp.ones((5, 5, 2, 2)))
+
+
+def _hlo(fn, x, w):
+    return jax.jit(jax.grad(lambda x, w: jnp.sum(fn(x, w)), (0, 1))).lower(x, w).compile().as_text()
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="Winograd is the CPU path")
+def test_conv_hook_uses_winograd_for_wide_stride1_3x3_on_cpu():
+    x, w = jnp.ones((1, 8, 8, 64)), jnp.ones((3, 3, 64, 64))
+
+    def f(x, w, strides=(1, 1)):
+        return conv.conv_general_dilated(x, w, strides, ((1, 1), (1, 1)), dimension_numbers=NHWC)
+
+    assert "convolution" not in _hlo(f, x, w)  # forward, input and kernel gradient: GEMMs
+    with conv.implementation("gemm"):
+        assert "convolution" in _hlo(f, x, w)
+    assert "convolution" in _hlo(lambda x, w: f(x, w, (2, 2)), x, w)  # stride 2: direct
+    narrow = jnp.ones((1, 8, 8, 32))
+    assert "convolution" in _hlo(f, narrow, jnp.ones((3, 3, 32, 64)))  # below the channel rule
+    # Through the hook, values equal lax's to rounding.
+    rng = np.random.default_rng(3)
+    xr = jnp.asarray(rng.normal(size=(2, 10, 6, 64)), jnp.float32)
+    wr = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) / 24, jnp.float32)
+    np.testing.assert_allclose(jax.jit(f)(xr, wr), _direct(xr, wr, ((1, 1), (1, 1))), rtol=0,
+                               atol=1e-5)
