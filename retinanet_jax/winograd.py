@@ -5,15 +5,15 @@ ResNet-50-FPN training step's FLOPs, the FPN and ResNet 3x3s add more). Direct c
 (XLA's, or torch's oneDNN) spends 9 multiply-adds per output pixel and channel pair; Winograd's
 minimal filtering (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016)
 spends 16 per 2x2 output tile, i.e. 4. On CPU the work becomes 16 independent GEMMs
-``V[t] [M, Cin] @ U[t] [Cin, Cout]`` over the M = batch*tiles positions, which XLA:CPU runs at
-its matmul peak, plus cheap elementwise transforms:
+``V[t] [M, Cin] @ U[t] [Cin, Cout]`` over the M = batch*tiles positions, which XLA:CPU runs
+near its matmul peak, plus elementwise transforms:
 
     y_tile = A^T [ (G w G^T) (.) (B^T d B) ] A,    d = the 4x4 input window of a 2x2 tile.
 
-Everything is differentiable jnp, so jax's autodiff gives the backward in the same form: the
-input gradient is 16 GEMMs ``dM[t] @ U[t]^T`` and the kernel gradient 16 GEMMs
-``V[t]^T @ dM[t]`` (both 2.25x fewer FLOPs than direct), with the transposed transforms around
-them. F(2x2, 3x3)'s transform coefficients are 0, +-1 and 1/2, so float32 results differ from
+jax's autodiff gives the backward in the same form: the input gradient is 16 GEMMs
+``dM[t] @ U[t]^T`` and the kernel gradient 16 GEMMs ``V[t]^T @ dM[t]`` (both 2.25x fewer
+FLOPs than direct; ``_gemms`` picks their form), with the transposed transforms
+around them. F(2x2, 3x3)'s transform coefficients are 0, +-1 and 1/2, so float32 results differ from
 direct convolution by rounding only (relative max error ~1e-6 on unit-variance data).
 """
 
@@ -49,10 +49,11 @@ def kernel_transform(w: Array) -> Array:
     return u.reshape(16, *w.shape[2:])
 
 
-def input_transform(x: Array, padding: Sequence[tuple[int, int]]) -> tuple[Array, tuple[int, ...]]:
+def input_transform(x: Array, padding: Sequence[tuple[int, int]]) -> tuple[list[Array], tuple[int, ...]]:
     """``V = B^T d B`` for every 4x4 window at stride 2. x: [B, H, W, Cin] NHWC.
 
-    Returns V [16, B*th*tw, Cin] (t = 4*row + col of the transformed tile) and
+    Returns the 16 planes of V, each [B*th*tw, Cin] (t = 4*row + col of the transformed tile;
+    kept apart, not stacked: a stacked V costs a copy per GEMM operand), and
     (B, th, tw, oh, ow): tile counts and the convolution's output size.
     """
     (pt, pb), (pl, pr) = padding
@@ -64,17 +65,43 @@ def input_transform(x: Array, padding: Sequence[tuple[int, int]]) -> tuple[Array
     xp = jnp.pad(x, ((0, 0), (pt, 2 * th + 2 - h - pt), (pl, 2 * tw + 2 - w - pl), (0, 0)))
     rows = _input_1d(*[xp[:, i: i + 2 * th: 2] for i in range(4)])
     v = [t for r in rows for t in _input_1d(*[r[:, :, j: j + 2 * tw: 2] for j in range(4)])]
-    return jnp.stack(v).reshape(16, n * th * tw, c), (n, th, tw, oh, ow)
+    return [t.reshape(n * th * tw, c) for t in v], (n, th, tw, oh, ow)
 
 
-def output_transform(m: Array, dims: tuple[int, ...]) -> Array:
-    """``y = A^T m A``: m [16, B*th*tw, Cout] -> y [B, oh, ow, Cout]."""
+def output_transform(m: Sequence[Array], dims: tuple[int, ...]) -> Array:
+    """``y = A^T m A``: the 16 planes [B*th*tw, Cout] -> y [B, oh, ow, Cout]."""
     n, th, tw, oh, ow = dims
-    m = m.reshape(4, 4, n, th, tw, m.shape[-1])
-    s = _output_1d(*[m[a] for a in range(4)])
-    y = [_output_1d(*[sa[b] for b in range(4)]) for sa in s]  # y[p][q]: output pixel (p, q) of each tile
+    m = [t.reshape(n, th, tw, -1) for t in m]
+    # Along tile rows (plane t = 4*a + b), for each column b: s[p][b], p = output row.
+    cols = [_output_1d(*[m[4 * a + b] for a in range(4)]) for b in range(4)]
+    y = [_output_1d(*[cols[b][p] for b in range(4)]) for p in range(2)]  # y[p][q]
     y = jnp.stack([jnp.stack(yp, axis=3) for yp in y], axis=2)  # [B, th, 2, tw, 2, Cout]
     return y.reshape(n, 2 * th, 2 * tw, -1)[:, :oh, :ow]
+
+
+@jax.custom_vjp
+def _gemms(v: tuple[Array, ...], u: Array) -> tuple[Array, ...]:
+    """The 16 products ``V[t] [M, Cin] @ U[t] [Cin, Cout]`` -> f32 [M, Cout] each.
+
+    Forward: 16 plain dots on the separate planes (bf16 x bf16 -> f32 runs natively on CPU).
+    Backward: two batched dots over stacked planes, ``dV = dM U^T`` and ``dU = V^T dM`` (as
+    separate dots the kernel gradient contracts over M, a form XLA:CPU runs slowly)."""
+    return tuple(jnp.dot(v_t, u[t], preferred_element_type=jnp.float32) for t, v_t in enumerate(v))
+
+
+def _gemms_fwd(v, u):
+    return _gemms(v, u), (v, u)
+
+
+def _gemms_bwd(res, g):
+    v, u = res
+    dm = jnp.stack(g).astype(u.dtype)
+    dv = jnp.einsum("tmk,tck->tmc", dm, u, preferred_element_type=jnp.float32)
+    du = jnp.einsum("tmc,tmk->tck", jnp.stack(v), dm, preferred_element_type=jnp.float32)
+    return tuple(dv[t].astype(v_t.dtype) for t, v_t in enumerate(v)), du.astype(u.dtype)
+
+
+_gemms.defvjp(_gemms_fwd, _gemms_bwd)
 
 
 def conv3x3(x: Array, w: Array, padding: Sequence[tuple[int, int]] = ((1, 1), (1, 1)),
@@ -90,7 +117,6 @@ def conv3x3(x: Array, w: Array, padding: Sequence[tuple[int, int]] = ((1, 1), (1
         raise ValueError(f"conv3x3 needs a 3x3 kernel, got {w.shape}")
     out_dtype = preferred_element_type or jnp.result_type(x, w)
     v, dims = input_transform(x.astype(jnp.float32), padding)
-    u = kernel_transform(w)
-    m = jnp.einsum("tmc,tck->tmk", v.astype(x.dtype), u.astype(x.dtype), precision=precision,
-                   preferred_element_type=jnp.float32)
+    u = kernel_transform(w).astype(x.dtype)
+    m = _gemms(tuple(v_t.astype(x.dtype) for v_t in v), u)
     return output_transform(m, dims).astype(out_dtype)

@@ -77,7 +77,7 @@ def _hlo(fn, x, w):
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="Winograd is the CPU path")
 def test_conv_hook_uses_winograd_for_wide_stride1_3x3_on_cpu():
-    x, w = jnp.ones((1, 8, 8, 64)), jnp.ones((3, 3, 64, 64))
+    x, w = jnp.ones((1, 32, 32, 256)), jnp.ones((3, 3, 256, 256))
 
     def f(x, w, strides=(1, 1)):
         return conv.conv_general_dilated(x, w, strides, ((1, 1), (1, 1)), dimension_numbers=NHWC)
@@ -86,11 +86,12 @@ def test_conv_hook_uses_winograd_for_wide_stride1_3x3_on_cpu():
     with conv.implementation("gemm"):
         assert "convolution" in _hlo(f, x, w)
     assert "convolution" in _hlo(lambda x, w: f(x, w, (2, 2)), x, w)  # stride 2: direct
-    narrow = jnp.ones((1, 8, 8, 32))
-    assert "convolution" in _hlo(f, narrow, jnp.ones((3, 3, 32, 64)))  # below the channel rule
+    narrow = jnp.ones((1, 32, 32, 128))
+    assert "convolution" in _hlo(f, narrow, jnp.ones((3, 3, 128, 256)))  # below the channel rule
+    assert "convolution" in _hlo(f, x[:, :16, :16], w)  # a 16x16 map: below the size rule
     # Through the hook, values equal lax's to rounding.
     rng = np.random.default_rng(3)
-    xr = jnp.asarray(rng.normal(size=(2, 10, 6, 64)), jnp.float32)
-    wr = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) / 24, jnp.float32)
+    xr = jnp.asarray(rng.normal(size=(1, 33, 35, 256)), jnp.float32)
+    wr = jnp.asarray(rng.normal(size=(3, 3, 256, 256)) / 48, jnp.float32)
     np.testing.assert_allclose(jax.jit(f)(xr, wr), _direct(xr, wr, ((1, 1), (1, 1))), rtol=0,
                                atol=1e-5)
