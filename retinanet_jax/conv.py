@@ -229,7 +229,12 @@ def _conv_cpu(x, w, strides, padding, precision, preferred):
 
 
 def _grads_lax(x, w, g, strides, padding, precision, preferred):
-    _, vjp = jax.vjp(lambda x_, w_: _lax_conv(x_, w_, strides, padding, precision, preferred), x, w)
+    # Gradients in the operands' dtype whatever ``preferred`` (a bf16 conv with f32 output
+    # still back-propagates bf16, as every other bf16 layer): differentiate the conv without
+    # it, the cotangent cast to match.
+    del preferred
+    g = g.astype(jnp.result_type(x, w))
+    _, vjp = jax.vjp(lambda x_, w_: _lax_conv(x_, w_, strides, padding, precision, None), x, w)
     return vjp(g)
 
 
@@ -257,8 +262,8 @@ def _grads_cpu(x, w, g, strides, padding, precision, preferred):
     else:
         # Input gradient: lax's transpose rule. jax.vjp re-traces the forward, which XLA
         # removes as dead code since only the cotangent is used.
-        _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, w, strides, padding, precision, preferred), x)
-        (dx,) = vjp_x(g)
+        _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, w, strides, padding, precision, None), x)
+        (dx,) = vjp_x(g)  # g is in x's dtype here (see _grads_lax)
     dw = _kernel_grad_gemm(x, g, w.shape[:2], strides, padding, precision)
     return dx, dw.astype(w.dtype)
 

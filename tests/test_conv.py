@@ -112,3 +112,36 @@ def test_works_as_flax_conv_hook_in_bf16():
     assert g["params"]["kernel"].dtype == jnp.float32
     # bf16 compute: our GEMM accumulates in f32, lax's conv may round differently.
     np.testing.assert_allclose(g["params"]["kernel"], g_ref["params"]["kernel"], rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("shape,k,stride", [
+    ((1, 8, 8, 16, 36), 3, 1),      # narrow: lax's conv
+    ((1, 8, 8, 128, 128), 3, 2),    # bf16 GEMM forward, lax input gradient (stride 2)
+    ((1, 8, 8, 128, 128), 3, 1),    # bf16 GEMM forward and both gradients
+    ((1, 32, 32, 256, 256), 3, 1),  # Winograd
+    ((1, 8, 8, 64, 32), 1, 2),      # 1x1
+])
+def test_bf16_operands_with_float32_output(shape, k, stride):
+    """``preferred_element_type=f32`` on bf16 operands (the heads' final convs): f32 output,
+    and gradients in the operands' dtype that agree with a float32 conv to bf16 accuracy."""
+    n, h, w_, cin, cout = shape
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(n, h, w_, cin)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
+    pad = ((k // 2, k // 2),) * 2
+
+    def loss(x, w, dtype, preferred):
+        y = conv.conv_general_dilated(x.astype(dtype), w.astype(dtype), (stride, stride), pad,
+                                      dimension_numbers=NHWC, preferred_element_type=preferred)
+        return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
+
+    (_, y16), g16 = jax.jit(jax.value_and_grad(
+        lambda x, w: loss(x, w, jnp.bfloat16, jnp.float32), (0, 1), has_aux=True))(x, w)
+    (_, y32), g32 = jax.jit(jax.value_and_grad(
+        lambda x, w: loss(x, w, jnp.float32, None), (0, 1), has_aux=True))(x, w)
+    assert y16.dtype == jnp.float32
+    np.testing.assert_allclose(y16, y32, atol=0.03 * float(jnp.std(y32)))
+    for a, b in zip(g16, g32):
+        assert a.dtype == jnp.float32
+        # bf16 operands and cotangents (~3 significant digits) summed over up to 1024 pixels.
+        np.testing.assert_allclose(a, b, atol=0.05 * float(jnp.std(b)))

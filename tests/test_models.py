@@ -287,3 +287,25 @@ def test_bfloat16_compute_close_to_float32():
         # bf16 keeps ~3 significant digits; 60+ layers -> errors of a few % of the output scale.
         assert np.abs(a - b).mean() < 0.03 * np.abs(b).std(), key
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995, key
+
+
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_bfloat16_heads_give_float32_logits_and_deltas(variant):
+    """bf16 compute, but the final class / box convs accumulate and add their bias in f32: the
+    outputs are not rounded to bf16 (the precision contract: class logits in f32)."""
+    from retinanet_jax.models import heads as H
+
+    gn = variant == "v2"
+    feats = [jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 32)), jnp.float32)]
+    for head in (H.RetinaNetClassificationHead(num_classes=5, group_norm=gn, dtype=jnp.bfloat16),
+                 H.RetinaNetRegressionHead(group_norm=gn, dtype=jnp.bfloat16)):
+        v = head.init(jax.random.PRNGKey(0), feats)
+        out = np.asarray(head.apply(v, feats))
+        assert out.dtype == np.float32
+        on_bf16_grid = out == np.asarray(jnp.asarray(out, jnp.bfloat16).astype(jnp.float32))
+        assert on_bf16_grid.mean() < 0.5, type(head).__name__
+    # Zero features: the logits are exactly the f32 prior bias, not its bf16 rounding (-4.59375).
+    cls = H.RetinaNetClassificationHead(num_classes=5, dtype=jnp.bfloat16)
+    zeros = [jnp.zeros((1, 4, 4, 32))]
+    logits = np.asarray(cls.apply(cls.init(jax.random.PRNGKey(0), zeros), zeros))
+    np.testing.assert_array_equal(logits, np.float32(H.CLS_PRIOR_BIAS))

@@ -6,6 +6,7 @@ Names follow torchvision's (new, version 2) state_dict: ``conv.1.0`` (conv) / ``
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -21,6 +22,13 @@ PRIOR_PROBABILITY = 0.01
 # RetinaNetClassificationHead: cls_logits bias = -log((1 - p) / p) so every score starts at p.
 CLS_PRIOR_BIAS = -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY)
 head_kernel_init = nn.initializers.normal(stddev=0.01)
+
+
+def _promote_keep_bias(inputs: Array, kernel: Array, bias: Any, dtype: Any = None) -> tuple:
+    # The final convs' bias stays float32: rounded to bf16, the class prior bias -4.595 would
+    # move by up to 0.008 (bf16 spacing at 4 is 1/64).
+    inputs, kernel = nn.dtypes.promote_dtype(inputs, kernel, dtype=dtype)
+    return inputs, kernel, bias
 
 
 def cls_bias_init(key: Any, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
@@ -41,11 +49,18 @@ def _tower(
 
     v1: conv3x3 (bias) + ReLU; v2: conv3x3 (no bias) + GroupNorm(32, eps 1e-5) + ReLU. Called inside
     a head's compact ``__call__`` so the layers are that head's direct children (``conv_0_0`` ...).
-    Returns one [B, h_l, w_l, out_features] array per level, in dtype.
+    Returns one [B, h_l, w_l, out_features] array per level, float32 whatever ``dtype``.
     """
     c = features[0].shape[-1]
 
-    def conv(n_out: int, name: str, use_bias: bool, bias_init: Any = nn.initializers.zeros) -> nn.Conv:
+    def conv(n_out: int, name: str, use_bias: bool, bias_init: Any = nn.initializers.zeros,
+             final: bool = False) -> nn.Conv:
+        conv_fn, promote = conv_general_dilated, nn.dtypes.promote_dtype
+        if final and jnp.dtype(dtype or jnp.float32) != jnp.float32:
+            # Low-precision compute still yields float32 logits and box deltas (the precision
+            # contract): the GEMMs accumulate in f32 anyway, so the output is not rounded.
+            conv_fn = functools.partial(conv_general_dilated, preferred_element_type=jnp.float32)
+            promote = _promote_keep_bias
         return nn.Conv(
             n_out,
             (3, 3),
@@ -55,7 +70,8 @@ def _tower(
             param_dtype=jnp.float32,
             kernel_init=head_kernel_init,
             bias_init=bias_init,
-            conv_general_dilated=conv_general_dilated,  # CPU GEMM paths, see conv.py
+            conv_general_dilated=conv_fn,  # CPU GEMM paths, see conv.py
+            promote_dtype=promote,
             name=name,
         )
 
@@ -74,7 +90,7 @@ def _tower(
             )
             layers.append(gn)
         layers.append(nn.relu)
-    final = conv(out_features, final_name, use_bias=True, bias_init=final_bias_init)
+    final = conv(out_features, final_name, use_bias=True, bias_init=final_bias_init, final=True)
     outs = []
     for x in features:
         for layer in layers:
