@@ -25,8 +25,8 @@ head_kernel_init = nn.initializers.normal(stddev=0.01)
 
 
 def _promote_keep_bias(inputs: Array, kernel: Array, bias: Any, dtype: Any = None) -> tuple:
-    # The final convs' bias stays float32: rounded to bf16, the class prior bias -4.595 would
-    # move by up to 0.008 (bf16 spacing at 4 is 1/64).
+    # The final convs' bias stays float32: a bf16 bias in [4, 8) sits on a 1/32 grid (the
+    # class prior -4.5951 would become -4.59375), an error the logits must not carry.
     inputs, kernel = nn.dtypes.promote_dtype(inputs, kernel, dtype=dtype)
     return inputs, kernel, bias
 
