@@ -70,8 +70,8 @@ def main() -> None:
     curves: dict[tuple[str, int], list[float]] = {}
     seconds: dict[str, float] = {}
     for seed in seeds:
-        for dtype in ("float32", "bfloat16"):
-            name = f"{'f32' if dtype == 'float32' else 'bf16'}_seed_{seed}"
+        for dtype, short in (("float32", "f32"), ("bfloat16", "bf16")):
+            name = f"{short}_seed_{seed}"
             t = time.perf_counter()
             curves[dtype, seed] = run(args.steps, dtype, seed, os.path.join(base, name))
             seconds[name] = time.perf_counter() - t
@@ -86,12 +86,13 @@ def main() -> None:
         hi = min(n, lo + args.window)
         m32 = [statistics.fmean(curves["float32", k][lo:hi]) for k in seeds]
         m16 = [statistics.fmean(curves["bfloat16", k][lo:hi]) for k in seeds]
-        diff = abs(statistics.fmean(m16) - statistics.fmean(m32))
+        mean32, mean16 = statistics.fmean(m32), statistics.fmean(m16)
+        diff = abs(mean16 - mean32)
         noise = 2 * (statistics.variance(m32) / len(seeds)
                      + statistics.variance(m16) / len(seeds)) ** 0.5
         within = diff <= noise
         all_within &= within
-        print(f"| {lo + 1}-{hi} | {statistics.fmean(m32):.4f} | {statistics.fmean(m16):.4f} | "
+        print(f"| {lo + 1}-{hi} | {mean32:.4f} | {mean16:.4f} | "
               + " ".join(f"{m:.4f}" for m in m32) + " | " + " ".join(f"{m:.4f}" for m in m16)
               + f" | {diff:.4f} | {noise:.4f} | {'yes' if within else 'NO'} | "
               f"{abs(m16[0] - m32[0]):.4f} |")

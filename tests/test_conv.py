@@ -122,8 +122,9 @@ def test_works_as_flax_conv_hook_in_bf16():
     ((1, 8, 8, 64, 32), 1, 2),      # 1x1
 ])
 def test_bf16_operands_with_float32_output(shape, k, stride):
-    """``preferred_element_type=f32`` on bf16 operands (the heads' final convs): f32 output,
-    and gradients in the operands' dtype that agree with a float32 conv to bf16 accuracy."""
+    """``preferred_element_type=f32`` on bf16 operands (the heads' final convs): f32 output, and
+    gradients (back-propagated in bf16, returned to the f32 inputs) that agree with a float32
+    conv to bf16 accuracy."""
     n, h, w_, cin, cout = shape
     rng = np.random.default_rng(4)
     x = jnp.asarray(rng.normal(size=(n, h, w_, cin)), jnp.float32)
