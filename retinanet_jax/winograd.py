@@ -19,6 +19,7 @@ convolution by rounding only (max error ~1e-5 of the output scale, tests/test_wi
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -29,6 +30,10 @@ Array = jax.Array
 
 # Lavin & Gray (2016), F(2x2, 3x3). B^T and A^T are applied by hand below (adds only).
 _G = np.array([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], np.float32)
+# A (4x2) = (A^T)^T; _AA[4a+b, 2p+q] = A[a,p] A[b,q] maps a tile's 2x2 output gradient to its 16
+# transformed planes (the transpose of the output transform).
+_A = np.array([[1.0, 0.0], [1.0, 1.0], [1.0, -1.0], [0.0, -1.0]], np.float32)
+_AA = np.einsum("ap,bq->abpq", _A, _A).reshape(16, 4)
 
 
 def _input_1d(d0: Array, d1: Array, d2: Array, d3: Array) -> tuple[Array, ...]:
@@ -68,6 +73,7 @@ def input_transform(x: Array, padding: Sequence[tuple[int, int]]) -> tuple[list[
     return [t.reshape(n * th * tw, c) for t in v], (n, th, tw, oh, ow)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def output_transform(m: Sequence[Array], dims: tuple[int, ...]) -> Array:
     """``y = A^T m A``: the 16 planes [B*th*tw, Cout] -> y [B, oh, ow, Cout]."""
     n, th, tw, oh, ow = dims
@@ -77,6 +83,30 @@ def output_transform(m: Sequence[Array], dims: tuple[int, ...]) -> Array:
     y = [_output_1d(*[cols[b][p] for b in range(4)]) for p in range(2)]  # y[p][q]
     y = jnp.stack([jnp.stack(yp, axis=3) for yp in y], axis=2)  # [B, th, 2, tw, 2, Cout]
     return y.reshape(n, 2 * th, 2 * tw, -1)[:, :oh, :ow]
+
+
+def _output_transform_fwd(m, dims):
+    return output_transform(m, dims), jnp.zeros((), m[0].dtype)  # the planes' dtype
+
+
+def _output_transform_bwd(dims, like, g):
+    """dm = (A (x) A) g per tile: one [16, 4] x [4, B*th*tw*Cout] product on g laid out by
+    output position within the tile (one copy of g).
+
+    Why not the 16 sums autodiff writes: XLA:CPU fuses g's producer into each of those 16
+    consumers, so it is recomputed 36 times per element. For the class logits that producer is
+    the whole focal-loss gradient (about a tenth of a bf16 train step went there); a matrix
+    product reads its operand once, from one materialised copy. Coefficients are 0 and +-1,
+    so the f32 result is the same sums."""
+    n, th, tw, oh, ow = dims
+    c = g.shape[-1]
+    g = jnp.pad(g, ((0, 0), (0, 2 * th - oh), (0, 2 * tw - ow), (0, 0)))  # cropped outputs: 0
+    g = g.reshape(n, th, 2, tw, 2, c).transpose(2, 4, 0, 1, 3, 5).reshape(4, -1)
+    dm = jnp.dot(jnp.asarray(_AA, g.dtype), g, preferred_element_type=jnp.float32)
+    return (tuple(dm.reshape(16, n * th * tw, c).astype(like.dtype)),)
+
+
+output_transform.defvjp(_output_transform_fwd, _output_transform_bwd)
 
 
 @jax.custom_vjp

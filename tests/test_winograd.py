@@ -95,3 +95,21 @@ def test_conv_hook_uses_winograd_for_wide_stride1_3x3_on_cpu():
     wr = jnp.asarray(rng.normal(size=(3, 3, 256, 256)) / 48, jnp.float32)
     np.testing.assert_allclose(jax.jit(f)(xr, wr), _direct(xr, wr, ((1, 1), (1, 1))), rtol=0,
                                atol=1e-5)
+
+
+def test_output_gradient_producer_is_computed_once():
+    # The output transform's transpose reads the cotangent once (one matrix product). Written as
+    # 16 sums, XLA:CPU fused the cotangent's producer into each of them (here cos, 16 times): in
+    # a train step that producer is the whole focal-loss gradient, recomputed for every plane.
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(2, 32, 32, 64)), jnp.float32)  # odd sizes pad g first
+    w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) / 24, jnp.float32)
+    y = jnp.asarray(rng.normal(size=(2, 32, 32, 64)), jnp.float32)
+    loss = lambda x, w: jnp.sum(jnp.sin(winograd.conv3x3(x, w) + y))
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
+    assert hlo.count("cosine(") == 1
+    # ... and the gradients are still the direct convolution's (f32: rounding only).
+    got = jax.jit(jax.grad(loss, (0, 1)))(x, w)
+    want = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(_direct(x, w, ((1, 1), (1, 1))) + y)), (0, 1)))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()))
