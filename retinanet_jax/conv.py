@@ -333,3 +333,25 @@ def conv_general_dilated(
                                       precision=precision, preferred=preferred_element_type),
         )
     return _conv(lhs, rhs, strides, pads, precision, preferred_element_type)
+
+
+def _promote_keep_bias(inputs, kernel, bias, dtype=None):
+    # nn.Conv's promote_dtype hook: operands in the compute dtype, the bias left float32.
+    dtype = dtype or jnp.result_type(inputs, kernel)
+    return jnp.asarray(inputs, dtype), jnp.asarray(kernel, dtype), bias
+
+
+def float32_output_args(dtype: Any) -> dict[str, Any]:
+    """``nn.Conv`` keyword arguments: operands in ``dtype``, output and bias add in float32.
+
+    For a bfloat16 conv with a bias. The GEMMs accumulate in f32 anyway, so the output costs
+    no rounding; a bf16 bias would (one in [4, 8) sits on a 1/32 grid); and the bias gradient,
+    a sum over batch*space, is then accumulated in f32 (jax sums a bf16 cotangent with bf16
+    partial sums, slowly on CPU, and it loses the small terms). float32 ``dtype``: the plain hook.
+    """
+    if jnp.dtype(dtype or jnp.float32) == jnp.float32:
+        return dict(conv_general_dilated=conv_general_dilated)
+    return dict(conv_general_dilated=functools.partial(conv_general_dilated,
+                                                       preferred_element_type=jnp.float32),
+                promote_dtype=_promote_keep_bias)
+

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retinanet_jax.conv import conv_general_dilated
+from retinanet_jax.conv import float32_output_args
 
 Array = jax.Array
 
@@ -88,9 +88,9 @@ class LastLevelP6P7(nn.Module):
 
 
 def _conv_factory(features: int, dtype: Any):
-    def make(k: int, stride: int, name: str) -> nn.Conv:
+    def make(k: int, stride: int, name: str) -> Any:
         p = k // 2
-        return nn.Conv(
+        conv = nn.Conv(
             features,
             (k, k),
             strides=(stride, stride),
@@ -99,8 +99,10 @@ def _conv_factory(features: int, dtype: Any):
             param_dtype=jnp.float32,
             kernel_init=fpn_kernel_init,
             bias_init=nn.initializers.zeros,
-            conv_general_dilated=conv_general_dilated,  # CPU GEMM paths, see conv.py
+            # Low precision: bias added (and its gradient summed) in f32, output cast back.
+            **float32_output_args(dtype),  # and CPU GEMM paths, see conv.py
             name=name,
         )
+        return lambda x: conv(x).astype(dtype) if dtype is not None else conv(x)
 
     return make

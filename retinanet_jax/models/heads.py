@@ -6,7 +6,6 @@ Names follow torchvision's (new, version 2) state_dict: ``conv.1.0`` (conv) / ``
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -14,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retinanet_jax.conv import conv_general_dilated
+from retinanet_jax.conv import float32_output_args
 
 Array = jax.Array
 
@@ -22,13 +21,6 @@ PRIOR_PROBABILITY = 0.01
 # RetinaNetClassificationHead: cls_logits bias = -log((1 - p) / p) so every score starts at p.
 CLS_PRIOR_BIAS = -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY)
 head_kernel_init = nn.initializers.normal(stddev=0.01)
-
-
-def _promote_keep_bias(inputs: Array, kernel: Array, bias: Any, dtype: Any = None) -> tuple:
-    # The final convs' bias stays float32: a bf16 bias in [4, 8) sits on a 1/32 grid (the
-    # class prior -4.5951 would become -4.59375), an error the logits must not carry.
-    inputs, kernel = nn.dtypes.promote_dtype(inputs, kernel, dtype=dtype)
-    return inputs, kernel, bias
 
 
 def cls_bias_init(key: Any, shape: Sequence[int], dtype: Any = jnp.float32) -> Array:
@@ -53,14 +45,10 @@ def _tower(
     """
     c = features[0].shape[-1]
 
-    def conv(n_out: int, name: str, use_bias: bool, bias_init: Any = nn.initializers.zeros,
-             final: bool = False) -> nn.Conv:
-        conv_fn, promote = conv_general_dilated, nn.dtypes.promote_dtype
-        if final and jnp.dtype(dtype or jnp.float32) != jnp.float32:
-            # Low-precision compute still yields float32 logits and box deltas (the precision
-            # contract): the GEMMs accumulate in f32 anyway, so the output is not rounded.
-            conv_fn = functools.partial(conv_general_dilated, preferred_element_type=jnp.float32)
-            promote = _promote_keep_bias
+    def conv(n_out: int, name: str, use_bias: bool, bias_init: Any = nn.initializers.zeros) -> nn.Conv:
+        # Low-precision compute: every conv adds its bias in f32 and returns f32 (the final
+        # ones so that logits and box deltas are float32, the precision contract; the prior bias
+        # -4.5951 would be -4.59375 in bf16); the tower casts back to ``dtype`` after each conv.
         return nn.Conv(
             n_out,
             (3, 3),
@@ -70,14 +58,16 @@ def _tower(
             param_dtype=jnp.float32,
             kernel_init=head_kernel_init,
             bias_init=bias_init,
-            conv_general_dilated=conv_fn,  # CPU GEMM paths, see conv.py
-            promote_dtype=promote,
+            **float32_output_args(dtype),  # and CPU GEMM paths, see conv.py
             name=name,
         )
 
+    def to_dtype(x: Array) -> Array:
+        return x.astype(dtype) if dtype is not None else x
+
     layers = []
     for i in range(4):
-        layers.append(conv(c, f"conv_{i}_0", use_bias=not group_norm))
+        layers += [conv(c, f"conv_{i}_0", use_bias=not group_norm), to_dtype]
         if group_norm:
             # Two-pass variance (as torch): E[x^2] - E[x]^2 cancels badly when |mean| >> std.
             gn = nn.GroupNorm(
@@ -90,7 +80,7 @@ def _tower(
             )
             layers.append(gn)
         layers.append(nn.relu)
-    final = conv(out_features, final_name, use_bias=True, bias_init=final_bias_init, final=True)
+    final = conv(out_features, final_name, use_bias=True, bias_init=final_bias_init)
     outs = []
     for x in features:
         for layer in layers:
