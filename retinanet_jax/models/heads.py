@@ -48,7 +48,8 @@ def _tower(
     def conv(n_out: int, name: str, use_bias: bool, bias_init: Any = nn.initializers.zeros) -> nn.Conv:
         # Low-precision compute: every conv adds its bias in f32 and returns f32 (the final
         # ones so that logits and box deltas are float32, the precision contract; the prior bias
-        # -4.5951 would be -4.59375 in bf16); the tower casts back to ``dtype`` after each conv.
+        # -4.5951 would be -4.59375 in bf16). The tower rounds to ``dtype`` once per layer: after
+        # the conv (v1) or after the GroupNorm, which normalises the f32 output (v2).
         return nn.Conv(
             n_out,
             (3, 3),
@@ -67,7 +68,7 @@ def _tower(
 
     layers = []
     for i in range(4):
-        layers += [conv(c, f"conv_{i}_0", use_bias=not group_norm), to_dtype]
+        layers.append(conv(c, f"conv_{i}_0", use_bias=not group_norm))
         if group_norm:
             # Two-pass variance (as torch): E[x^2] - E[x]^2 cancels badly when |mean| >> std.
             gn = nn.GroupNorm(
@@ -79,6 +80,8 @@ def _tower(
                 name=f"conv_{i}_1",
             )
             layers.append(gn)
+        else:
+            layers.append(to_dtype)
         layers.append(nn.relu)
     final = conv(out_features, final_name, use_bias=True, bias_init=final_bias_init)
     outs = []

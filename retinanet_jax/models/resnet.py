@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retinanet_jax.conv import conv_general_dilated
+from retinanet_jax.conv import conv_general_dilated, float32_output_args
 
 Array = jax.Array
 
@@ -103,7 +103,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        conv = _conv_factory(self.dtype)
+        conv = _conv_factory(self.dtype, train)
         bn = _bn_factory(self.bn_eps, self.frozen_bn, self.dtype)
         out = conv(self.planes, 3, self.stride, 1, name="conv1")(x)
         out = nn.relu(bn(name="bn1")(out, train))
@@ -129,7 +129,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        conv = _conv_factory(self.dtype)
+        conv = _conv_factory(self.dtype, train)
         bn = _bn_factory(self.bn_eps, self.frozen_bn, self.dtype)
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         out = conv(width, 1, 1, 0, name="conv1")(x)
@@ -144,7 +144,15 @@ class Bottleneck(nn.Module):
         return nn.relu(out + x)
 
 
-def _conv_factory(dtype: Any):
+def _conv_factory(dtype: Any, train: bool = False):
+    # Low-precision inference: each conv returns its f32 accumulation (the GEMMs accumulate in
+    # f32 anyway), so the BatchNorm that follows, applied in f32, reads it unrounded and the
+    # result is rounded to bf16 once: one rounding fewer per conv and one pass less (bf16
+    # prediction ~5% faster on CPU). Not in training, where the f32 cotangent that this gives
+    # every conv cost more than it saved (interleaved A/B: +3.6% per bf16 train step).
+    conv_args = (dict(conv_general_dilated=conv_general_dilated) if train
+                 else float32_output_args(dtype))
+
     def make(features: int, k: int, stride: int, pad: int, *, groups: int = 1, name: str) -> nn.Conv:
         return nn.Conv(
             features,
@@ -156,7 +164,7 @@ def _conv_factory(dtype: Any):
             dtype=dtype,
             param_dtype=jnp.float32,
             kernel_init=resnet_kernel_init,
-            conv_general_dilated=conv_general_dilated,  # CPU GEMM paths, see conv.py
+            **conv_args,  # CPU GEMM paths, see conv.py
             name=name,
         )
 
@@ -186,7 +194,7 @@ class ResNet(nn.Module):
     def __call__(self, x: Array, train: bool = False) -> tuple[Array, Array, Array, Array]:
         stage_channels(self.arch)  # clear error for an unknown arch
         block_kind, depths, groups, width = RESNET_SPECS[self.arch]
-        conv = _conv_factory(self.dtype)
+        conv = _conv_factory(self.dtype, train)
         bn = _bn_factory(self.bn_eps, self.frozen_bn, self.dtype)
         x = x.astype(self.dtype)
         x = conv(64, 7, 2, 3, name="conv1")(x)
