@@ -96,6 +96,11 @@ def test_bf16_wide_conv_is_gemms_without_f32_copies():
     hlo = hlo.compile().as_text()
     assert "convolution" not in hlo and "dot" in hlo
     assert "f32[1,10,8,768]" not in hlo  # window copies stay 16-bit (bitcast to uint16)
+    # Stride 2 (ResNet stages 2-4, P6/P7): the input gradient too, one GEMM per output phase
+    # (XLA's transposed conv ran in f32).
+    s2 = lambda x, w: conv.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+    hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(s2(x, w).astype(jnp.float32)), (0, 1))).lower(x, w)
+    assert "convolution" not in hlo.compile().as_text()
 
 
 def test_works_as_flax_conv_hook_in_bf16():
@@ -116,7 +121,7 @@ def test_works_as_flax_conv_hook_in_bf16():
 
 @pytest.mark.parametrize("shape,k,stride", [
     ((1, 8, 8, 16, 36), 3, 1),      # narrow: lax's conv
-    ((1, 8, 8, 128, 128), 3, 2),    # bf16 GEMM forward, lax input gradient (stride 2)
+    ((1, 8, 8, 128, 128), 3, 2),    # bf16 GEMM forward, input gradient per phase (stride 2)
     ((1, 8, 8, 128, 128), 3, 1),    # bf16 GEMM forward and both gradients
     ((1, 32, 32, 256, 256), 3, 1),  # Winograd
     ((1, 8, 8, 64, 32), 1, 2),      # 1x1
