@@ -123,11 +123,28 @@ def _gemms_fwd(v, u):
     return _gemms(v, u), (v, u)
 
 
+def swap_last_axes(a: Array) -> Array:
+    """``a`` with its last two axes swapped, as a copy XLA:CPU keeps for a bf16 matrix product.
+
+    A plain bf16 transpose feeding a dot is folded into the dot's dimension numbers, and
+    XLA:CPU (jax 0.10) then runs that dot in f32, both operands converted and copied (1.5-2x
+    slower). Built from the transposes of two halves it is not folded and the dot stays
+    bf16 x bf16 -> f32. Moved as uint16 bits (XLA:CPU copies bf16 through f32). Other dtypes:
+    a plain transpose."""
+    perm = (*range(a.ndim - 2), a.ndim - 1, a.ndim - 2)
+    if a.dtype != jnp.bfloat16 or a.shape[-1] < 2:
+        return a.transpose(perm)
+    b, h = jax.lax.bitcast_convert_type(a, jnp.uint16), a.shape[-1] // 2
+    b = jnp.concatenate([b[..., :h].transpose(perm), b[..., h:].transpose(perm)], axis=-2)
+    return jax.lax.bitcast_convert_type(b, a.dtype)
+
+
 def _gemms_bwd(res, g):
     v, u = res
     dm = jnp.stack(g).astype(u.dtype)
     dv = jnp.einsum("tmk,tck->tmc", dm, u, preferred_element_type=jnp.float32)
-    du = jnp.einsum("tmc,tmk->tck", jnp.stack(v), dm, preferred_element_type=jnp.float32)
+    du = jnp.einsum("tcm,tmk->tck", swap_last_axes(jnp.stack(v)), dm,
+                    preferred_element_type=jnp.float32)
     return tuple(dv[t].astype(v_t.dtype) for t, v_t in enumerate(v)), du.astype(u.dtype)
 
 

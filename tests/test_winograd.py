@@ -1,5 +1,7 @@
 """winograd.py: F(2x2, 3x3) equals direct convolution (values and gradients) up to rounding."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,3 +115,21 @@ def test_output_gradient_producer_is_computed_once():
     want = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(_direct(x, w, ((1, 1), (1, 1))) + y)), (0, 1)))(x, w)
     for g, r in zip(got, want):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4 * float(jnp.abs(r).max()))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="Winograd is the CPU path")
+def test_bf16_kernel_gradient_stays_bf16():
+    # The kernel gradient's 16 products V[t]^T dM[t] take a transposed V. Folded into the dot,
+    # XLA:CPU ran them in f32 on f32 copies of V and dM; swap_last_axes keeps them bf16.
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(2, 32, 32, 64)), jnp.bfloat16)  # 2 * 16 * 16 = 512 tiles
+    w = jnp.asarray(rng.normal(size=(3, 3, 64, 48)), jnp.bfloat16)
+    r = jnp.asarray(rng.normal(size=(2, 32, 32, 48)), jnp.float32)
+    loss = lambda x, w: jnp.sum(winograd.conv3x3(x, w).astype(jnp.float32) * r)
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
+    # The computation holding the dot that gives dU [16, Cin, Cout]: its operands' types.
+    heads = re.findall(r"\((.*)\) -> f32\[16,64,48\](?:\{[^}]*\})? \{\n((?:.*\n)*?)\}", hlo)
+    operands = [params for params, body in heads if " dot(" in body]
+    assert operands and all("f32" not in p and p.count("bf16[16,") == 2 for p in operands), operands
+    v = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.bfloat16)
+    np.testing.assert_array_equal(winograd.swap_last_axes(v), v.transpose(0, 2, 1))
