@@ -1,7 +1,7 @@
 """End-to-end prediction speed: retinanet_jax.Predictor vs torchvision's model(images), same weights.
 
     python benchmarks/predict_vs_torchvision.py [--quick] [--full] [--variant v1]
-        [--xla-flags "--xla_cpu_use_onednn=true"] [--sweep]
+        [--xla-flags "--xla_cpu_use_onednn=true"] [--sweep] [--dtype-ablation]
 
 Both frameworks start from uint8 HxWx3 images (torchvision: to_tensor-equivalent conversion is
 timed too) and end with boxes in original pixels. Images are sized so that torchvision resizes
@@ -9,7 +9,9 @@ them (x2 upsampling) to the 800x1216 and 512x512 canvases. Timings are medians o
 runs (ours, torchvision, ours, ...) after warm-up. Weights: random "lively" ones (tests/tv_utils)
 so that there are hundreds of detections. ``--sweep`` reruns the small case in subprocesses, one
 per XLA CPU flag set, and prints a table. XLA flags must be set before jax starts, hence the
-``--xla-flags`` option (added to XLA_FLAGS) rather than a runtime switch.
+``--xla-flags`` option (added to XLA_FLAGS) rather than a runtime switch. ``--dtype-ablation``
+times bf16 prediction with the ResNet body, the FPN or the heads kept in f32 (same weights) and
+prints each one's match with our f32 detections (batch 1; ours only, interleaved).
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--sweep", action="store_true", help="XLA flag sweep on 512:1 (subprocesses)")
     p.add_argument("--json", action="store_true", help="print one JSON line (used by --sweep)")
+    p.add_argument("--dtype-ablation", action="store_true",
+                   help="bf16 with some parts in f32 (ResNet body / FPN / heads): time and bf16=f32 match")
     p.add_argument("--conv-micro", action="store_true",
                    help="3x3 conv 256->256 at 100x152: f32 vs bf16, as conv / im2col dot / 9 dots")
     return p.parse_args(argv)
@@ -260,6 +264,82 @@ def run(args):
     return peak.median(), results
 
 
+def mixed_precision_model(model, f32_parts):
+    """``model`` (a RetinaNet) computing in its dtype except ``f32_parts`` ("body", "fpn",
+    "head"), which compute in float32: the same parameter tree, so the same variables apply.
+    For --dtype-ablation only (the library has one compute dtype per model)."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    from retinanet_jax.models.fpn import FeaturePyramidNetwork
+    from retinanet_jax.models.heads import RetinaNetHead
+    from retinanet_jax.models.resnet import ResNet, stage_channels
+    from retinanet_jax.models.retinanet import RetinaNet
+
+    def dt(part):
+        return jnp.float32 if part in f32_parts else model.dtype
+
+    class Backbone(nn.Module):
+        @nn.compact
+        def __call__(self, images, train=False):
+            _, c3, c4, c5 = ResNet(model.backbone, model.bn_eps, model.frozen_bn, dt("body"),
+                                   name="body")(images, train)
+            p6_from_c5 = model.variant == "v2" and stage_channels(model.backbone)[-1] != model.fpn_channels
+            fpn = FeaturePyramidNetwork(model.fpn_channels, p6_from_c5, dt("fpn"), name="fpn")
+            return fpn([c3.astype(dt("fpn")), c4.astype(dt("fpn")), c5.astype(dt("fpn"))])
+
+    class Mixed(RetinaNet):
+        @nn.compact
+        def __call__(self, images, train=False):
+            features = Backbone(name="backbone")(images.astype(dt("body")), train)
+            head = RetinaNetHead(model.num_classes, model.num_anchors, group_norm=model.variant == "v2",
+                                 dtype=dt("head"), name="head")
+            return head([f.astype(dt("head")) for f in features])
+
+    return Mixed(**{f: getattr(model, f) for f in ("num_classes", "variant", "backbone", "bn_eps",
+                                                   "frozen_bn", "num_anchors", "fpn_channels", "dtype",
+                                                   "anchor_sizes", "aspect_ratios")})
+
+
+def dtype_ablation(args):
+    """bf16 prediction with parts of the network in f32: time and match with our f32 detections."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, ROOT)
+    import jax.numpy as jnp
+    import numpy as np
+
+    from retinanet_jax.predict import Predictor
+    from tests.tv_utils import make_jax_from_tv
+
+    _, model, variables = make_jax_from_tv(args.variant)
+    variants = [("all bf16", ()), ("ResNet body f32", ("body",)), ("FPN f32", ("fpn",)),
+                ("heads f32", ("head",)), ("body + FPN f32 (heads bf16)", ("body", "fpn")),
+                ("all f32", ("body", "fpn", "head"))]
+    repeats = args.repeats or 3
+    print("| case | bf16 except | ours s | vs all bf16 | bf16=f32 % | clear of cut % |")
+    print("|---|---|---|---|---|---|")
+    for name in ["512", "800x1216"]:
+        (h, w), min_size, max_size = CASES[name]
+        images = [np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)]
+        f32_dets = Predictor(model, variables, min_size=min_size, max_size=max_size, batch_size=1)(images)
+        preds = {}
+        for label, parts in variants:
+            m = mixed_precision_model(model.clone(dtype=jnp.bfloat16), parts)
+            pred = Predictor(m, variables, min_size=min_size, max_size=max_size, batch_size=1)
+            preds[label] = (pred, pred(images), [])  # compiles
+        for _ in range(repeats):  # interleaved
+            for label, (pred, _, times) in preds.items():
+                t = time.perf_counter()
+                pred(images)
+                times.append(time.perf_counter() - t)
+        base = median(preds["all bf16"][2])
+        for label, (pred, dets, times) in preds.items():
+            print(f"| {name} x1 | {label} | {median(times):.3f} | {median(times) / base:.2f} | "
+                  f"{100 * match_fraction(f32_dets, dets):.1f} | "
+                  f"{100 * match_fraction(f32_dets, dets, cap=pred.static['detections_per_img']):.1f} |",
+                  flush=True)
+
+
 def print_table(peak, results):
     print("\nratio = ours / torchvision end to end (medians of interleaved runs); peak = f32 jnp.dot "
           "2048^3 GFLOP/s sampled between those runs; % peak = forward GFLOP/s / peak")
@@ -365,6 +445,8 @@ def main(argv=None):
         return sweep(args)
     if args.conv_micro:
         return conv_micro(args)
+    if args.dtype_ablation:
+        return dtype_ablation(args)
     t0 = time.time()
     peak, results = run(args)
     if args.json:
