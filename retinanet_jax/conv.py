@@ -397,10 +397,11 @@ def _promote_keep_bias(inputs, kernel, bias, dtype=None):
 def float32_output_args(dtype: Any) -> dict[str, Any]:
     """``nn.Conv`` keyword arguments: operands in ``dtype``, output and bias add in float32.
 
-    For a bfloat16 conv with a bias. The GEMMs accumulate in f32 anyway, so the output costs
-    no rounding; a bf16 bias would (one in [4, 8) sits on a 1/32 grid); and the bias gradient,
-    a sum over batch*space, is then accumulated in f32 (jax sums a bf16 cotangent with bf16
-    partial sums, slowly on CPU, and it loses the small terms). float32 ``dtype``: the plain hook.
+    For a bfloat16 conv whose output goes on in f32 (a bias add, a norm): the GEMMs accumulate
+    in f32 anyway, so the output costs no rounding. A bf16 bias would (one in [4, 8) sits on a
+    1/32 grid), and with the bias added in f32 its gradient, a sum over batch*space, is
+    accumulated in f32 (jax sums a bf16 cotangent with bf16 partial sums, slowly on CPU, and
+    loses the small terms). float32 ``dtype``: the plain hook.
     """
     if jnp.dtype(dtype or jnp.float32) == jnp.float32:
         return dict(conv_general_dilated=conv_general_dilated)

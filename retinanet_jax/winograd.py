@@ -94,10 +94,10 @@ def _output_transform_bwd(dims, like, g):
     output position within the tile (one copy of g).
 
     Why not the 16 sums autodiff writes: XLA:CPU fuses g's producer into each of those 16
-    consumers, so it is recomputed 36 times per element. For the class logits that producer is
-    the whole focal-loss gradient (about a tenth of a bf16 train step went there); a matrix
-    product reads its operand once, from one materialised copy. Coefficients are 0 and +-1,
-    so the f32 result is the same sums."""
+    consumers, so it is recomputed by each of the 9 planes that read an element. For the class
+    logits that producer is the whole focal-loss gradient (about a tenth of a bf16 train step
+    went there); a matrix product reads its operand once, from one materialised copy.
+    Coefficients are 0 and +-1, so the f32 result is the same sums."""
     n, th, tw, oh, ow = dims
     c = g.shape[-1]
     g = jnp.pad(g, ((0, 0), (0, 2 * th - oh), (0, 2 * tw - ow), (0, 0)))  # cropped outputs: 0
