@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from retinanet_jax import conv
+from retinanet_jax import conv, winograd
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -117,6 +117,28 @@ def test_works_as_flax_conv_hook_in_bf16():
     assert g["params"]["kernel"].dtype == jnp.float32
     # bf16 compute: our GEMM accumulates in f32, lax's conv may round differently.
     np.testing.assert_allclose(g["params"]["kernel"], g_ref["params"]["kernel"], rtol=5e-2, atol=5e-2)
+
+
+def test_float32_output_args_give_the_conv_float32_operands_to_round():
+    """Under ``float32_output_args(bf16)`` nn.Conv hands its f32 kernel (and an f32 input) to the
+    conv, which rounds them for the products: a Winograd-sized conv rounds its transforms once
+    (``winograd.conv3x3`` with ``compute_dtype``), a 1x1 conv its operands, as a bf16 layer."""
+    rng = np.random.default_rng(2)
+    x = jnp.asarray(np.maximum(rng.normal(size=(1, 32, 32, 256)), 0), jnp.float32)
+    for k in (3, 1):
+        layer = nn.Conv(256, (k, k), padding=((k // 2, k // 2),) * 2, dtype=jnp.bfloat16,
+                        **conv.float32_output_args(jnp.bfloat16))
+        params = layer.init(jax.random.key(0), x)
+        w, b = params["params"]["kernel"], params["params"]["bias"]
+        got = jax.jit(layer.apply)(params, x)
+        assert got.dtype == jnp.float32
+        if k == 3:
+            want = winograd.conv3x3(x, w, compute_dtype=jnp.bfloat16,
+                                    preferred_element_type=jnp.float32) + b
+        else:
+            want = jnp.dot(x.astype(jnp.bfloat16), w[0, 0].astype(jnp.bfloat16),
+                           preferred_element_type=jnp.float32) + b
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.abs(want).max()))
 
 
 @pytest.mark.parametrize("shape,k,stride", [

@@ -84,7 +84,7 @@ class RetinaNet(nn.Module):
         head = RetinaNetHead(
             self.num_classes, self.num_anchors, group_norm=self.variant == "v2", dtype=self.dtype, name="head"
         )
-        return head(features)
+        return head(features, train)
 
 
 _BODY_TOP = ("conv1", "bn1", "layer1", "layer2", "layer3", "layer4")
