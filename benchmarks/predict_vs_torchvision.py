@@ -153,7 +153,7 @@ def run(args):
 
     torch.set_num_threads(args.threads)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
-    repeats = args.repeats or (2 if args.quick else 3)
+    repeats = args.repeats or (2 if args.quick else 5)
     if args.cases:
         cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
     elif args.quick:
