@@ -334,16 +334,6 @@ def _plain(dimension_numbers, lhs_ndim, padding, lhs_dilation, rhs_dilation, fea
     )
 
 
-def _winograd_applies(lhs, rhs, window_strides, padding, dimension_numbers, lhs_dilation,
-                      rhs_dilation, feature_group_count, batch_group_count, dtype) -> bool:
-    if _MODE.get() != "auto" or not _plain(dimension_numbers, lhs.ndim, padding, lhs_dilation,
-                                           rhs_dilation, feature_group_count, batch_group_count):
-        return False
-    strides = tuple(int(s) for s in window_strides)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _use_winograd(dtype, lhs, rhs, strides, pads)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, w, strides, padding, precision, preferred):
     return lax.platform_dependent(
@@ -391,36 +381,31 @@ def conv_general_dilated(
     (so an f32 input or kernel is rounded once, not before and again after its transform: per
     bf16 Winograd conv 1.49x the rms error of a direct bf16 conv instead of 1.73x, measured on
     ReLU'd normal inputs); every other form rounds the operands."""
-    if compute_dtype is not None:
-        cd = jnp.dtype(compute_dtype)
-        if _winograd_applies(lhs, rhs, window_strides, padding, dimension_numbers, lhs_dilation,
-                             rhs_dilation, feature_group_count, batch_group_count, cd):
-            pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    plain = _plain(dimension_numbers, lhs.ndim, padding, lhs_dilation, rhs_dilation,
+                   feature_group_count, batch_group_count)
+    cd = jnp.dtype(compute_dtype) if compute_dtype is not None else None
+    if plain and _MODE.get() == "auto":
+        strides = tuple(int(s) for s in window_strides)
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        if _use_winograd(cd if cd is not None else jnp.result_type(lhs, rhs), lhs, rhs, strides, pads):
+            # Its gradients are Winograd-form GEMMs too (see winograd.py), so no _conv custom_vjp.
+            cast = (lambda a: a.astype(cd)) if cd is not None else (lambda a: a)
             return lax.platform_dependent(
                 lhs, rhs,
                 cpu=functools.partial(winograd.conv3x3, padding=pads, precision=precision,
                                       preferred_element_type=preferred_element_type, compute_dtype=cd),
-                default=lambda x, w: _lax_conv(x.astype(cd), w.astype(cd), (1, 1), pads, precision,
+                default=lambda x, w: _lax_conv(cast(x), cast(w), strides, pads, precision,
                                                preferred_element_type),
             )
+    if cd is not None:
         lhs, rhs = lhs.astype(cd), rhs.astype(cd)
-    if not _plain(dimension_numbers, lhs.ndim, padding, lhs_dilation, rhs_dilation,
-                  feature_group_count, batch_group_count) or _MODE.get() == "lax":
+    if not plain or _MODE.get() == "lax":
         return lax.conv_general_dilated(
             lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
             feature_group_count, batch_group_count, precision, preferred_element_type,
         )
     strides = tuple(int(s) for s in window_strides)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if _MODE.get() == "auto" and _use_winograd(lhs.dtype, lhs, rhs, strides, pads):
-        # Its gradients are Winograd-form GEMMs too (see winograd.py), so no _conv custom_vjp.
-        return lax.platform_dependent(
-            lhs, rhs,
-            cpu=functools.partial(winograd.conv3x3, padding=pads, precision=precision,
-                                  preferred_element_type=preferred_element_type),
-            default=functools.partial(_lax_conv, strides=strides, padding=pads,
-                                      precision=precision, preferred=preferred_element_type),
-        )
     return _conv(lhs, rhs, strides, pads, precision, preferred_element_type)
 
 

@@ -167,7 +167,7 @@ def conv3x3(x: Array, w: Array, padding: Sequence[tuple[int, int]] = ((1, 1), (1
     """
     if w.shape[:2] != (3, 3):
         raise ValueError(f"conv3x3 needs a 3x3 kernel, got {w.shape}")
-    cd = compute_dtype or jnp.result_type(x, w)
+    cd = compute_dtype if compute_dtype is not None else jnp.result_type(x, w)
     out_dtype = preferred_element_type or cd
     v, dims = input_transform(x.astype(jnp.float32), padding)
     u = kernel_transform(w).astype(cd)

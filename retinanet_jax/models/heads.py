@@ -56,8 +56,9 @@ def _tower(
         # layer: after the conv (v1) or after the GroupNorm, which normalises the f32 output (v2).
         # In inference it does not round at all: the next conv does (one rounding per layer
         # too), but the P3/P4 Winograd convs round their transformed input instead, from f32
-        # (bf16 class logits' rms error against f32 4% lower, lively v1 weights at 512x512). Training keeps bf16 activations, so bf16
-        # cotangents (f32 ones cost 3.6% per step where measured, in the ResNet's convs).
+        # (bf16 class logits' rms error against f32 4% lower, lively v1 weights at 512x512).
+        # Training keeps bf16 activations, so bf16 cotangents (f32 ones cost 3.6% per step
+        # where measured, in the ResNet's convs).
         return nn.Conv(
             n_out,
             (3, 3),
