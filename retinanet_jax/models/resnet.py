@@ -207,14 +207,13 @@ class ResNet(nn.Module):
         stage_channels(self.arch)  # clear error for an unknown arch
         block_kind, depths, groups, width = RESNET_SPECS[self.arch]
         conv = _conv_factory(self.dtype, train)
-        bn = _bn_factory(self.bn_eps, self.frozen_bn, self.dtype)
-        x = x.astype(self.dtype)
-        x = conv(64, 7, 2, 3, name="conv1")(x)
         # Low-precision inference: the stem's output and max-pool in f32 too, since XLA:CPU's
         # bf16 reduce_window is slow (13 ms against 2.7 ms for f32 on 256x256x64; 52 against
         # 14 at 400x608). Max commutes with rounding, so layer1's convs see the same values.
-        x = nn.relu(_bn_factory(self.bn_eps, self.frozen_bn, _stream_dtype(self.dtype, train))(
-            name="bn1")(x, train))
+        bn_out = _bn_factory(self.bn_eps, self.frozen_bn, _stream_dtype(self.dtype, train))
+        x = x.astype(self.dtype)
+        x = conv(64, 7, 2, 3, name="conv1")(x)
+        x = nn.relu(bn_out(name="bn1")(x, train))
         # nn.max_pool pads with -inf, as torch's MaxPool2d(3, 2, padding=1).
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(1))
         expansion = 4 if block_kind == "bottleneck" else 1
