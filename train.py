@@ -16,7 +16,8 @@ import logging as py_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from retinanet_jax import distributed, hostmem  # no jax device work at import
+from retinanet_jax.parallel import distributed  # no jax device work at import
+from retinanet_jax.backends.cpu import hostmem
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "configs/shapes.py", "Training configuration file (get_config()).", lock_config=True)
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> None:
 
     mode, options = distributed.from_flags()
     distributed.initialize(mode, options)  # before anything touches the devices
-    from retinanet_jax import train_loop  # after distributed init: it creates device arrays
+    from retinanet_jax.training import loop as train_loop  # after distributed init: it creates device arrays
 
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)  # process 0 logs progress for everyone

@@ -1,7 +1,7 @@
 """Is a bfloat16 training run's loss curve within noise of the float32 one?
 
 Short runs of ``configs/shapes.py`` (ResNet-18-FPN on the synthetic shapes, every conv through
-``retinanet_jax.conv``) with the loss logged every step, in float32 and in bfloat16 for each of
+``retinanet_jax.backends.cpu.conv``) with the loss logged every step, in float32 and in bfloat16 for each of
 ``--seeds`` (a seed fixes the initialisation and the data order; the two dtypes of one seed see
 the same batches). Runs of one configuration drift apart chaotically after ~100 steps whatever
 perturbs them (a seed, or bf16 rounding), so one bf16 run against one float32 run says little:
@@ -25,7 +25,7 @@ import statistics
 import tempfile
 import time
 
-from retinanet_jax import hostmem
+from retinanet_jax.backends.cpu import hostmem
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +43,7 @@ def _losses(workdir: str) -> list[float]:
 def run(steps: int, dtype: str, seed: int, workdir: str) -> list[float]:
     if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(_losses(workdir)) >= steps:
         return _losses(workdir)[:steps]
-    from retinanet_jax import train_loop
+    from retinanet_jax.training import loop as train_loop
 
     config = runpy.run_path(os.path.join(ROOT, "configs", "shapes.py"))["get_config"]()
     config.num_steps = steps

@@ -3,7 +3,7 @@
 Each distinct conv of the v1 train step (torchvision recipe: layers 2-4 trainable, so no
 gradients below layer2) at ``--size`` and ``--batch``, timed as one jitted
 ``vjp`` (forward, input gradient where the layer needs one, kernel gradient), three ways:
-plain ``lax.conv_general_dilated`` (``conv.implementation("lax")``), ``retinanet_jax.conv``
+plain ``lax.conv_general_dilated`` (``conv.implementation("lax")``), ``retinanet_jax.backends.cpu.conv``
 (what the models use) and torch (NCHW ``conv2d`` + ``backward``, autocast for bf16). The
 variants run interleaved after warm-up; medians. ``x n`` = how many convs of that shape one
 step runs, so the weighted total approximates the step's conv time.
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from retinanet_jax import conv
+from retinanet_jax.backends.cpu import conv
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 

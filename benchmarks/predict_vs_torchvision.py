@@ -145,10 +145,10 @@ def run(args):
     import numpy as np
     import torch
 
-    from retinanet_jax import anchors as anchors_lib
-    from retinanet_jax import conv
-    from retinanet_jax.postprocess import postprocess
-    from retinanet_jax.predict import Predictor
+    from retinanet_jax.ops import anchors as anchors_lib
+    from retinanet_jax.backends.cpu import conv
+    from retinanet_jax.inference.postprocess import postprocess
+    from retinanet_jax.inference.predict import Predictor
     from tests.tv_utils import make_jax_from_tv
 
     torch.set_num_threads(args.threads)
@@ -318,7 +318,7 @@ def dtype_ablation(args):
     import jax.numpy as jnp
     import numpy as np
 
-    from retinanet_jax.predict import Predictor
+    from retinanet_jax.inference.predict import Predictor
     from tests.tv_utils import make_jax_from_tv
 
     _, model, variables = make_jax_from_tv(args.variant)
@@ -473,7 +473,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    from retinanet_jax import hostmem
+    from retinanet_jax.backends.cpu import hostmem
 
     hostmem.reexec_with_hugepages()  # both frameworks run in this process: same allocator
     main()

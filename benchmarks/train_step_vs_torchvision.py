@@ -33,8 +33,12 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from retinanet_jax import conv, hostmem, optim, parallel, training
-from retinanet_jax.torchvision_port import from_torchvision
+from retinanet_jax.backends.cpu import conv
+from retinanet_jax.backends.cpu import hostmem
+from retinanet_jax.training import optim
+from retinanet_jax.parallel import mesh as parallel
+from retinanet_jax.training import step as training
+from retinanet_jax.interop.torchvision import from_torchvision
 
 TRAINABLE_LAYERS = 3
 
@@ -89,7 +93,7 @@ def main() -> None:
                              "framework's runs up to 30%% slower (measured; both frameworks share "
                              "this process's memory), which a training loop never sees")
     parser.add_argument("--also-modes", default="",
-                        help="comma-separated retinanet_jax.conv modes to time as well: gemm (no "
+                        help="comma-separated retinanet_jax.backends.cpu.conv modes to time as well: gemm (no "
                              "Winograd), lax (plain XLA convolutions)")
     parser.add_argument("--no-torch", action="store_true",
                         help="ours only (quick A/B of our variants; ratios vs the first one)")

@@ -73,7 +73,7 @@ def get_config() -> config_dict.ConfigDict:
     # ---------------------------------------------------------------- optimization
     c.batch_size = 16  # global: [README] 8 GPUs x [train] --batch-size 2
     c.num_steps = config_dict.placeholder(int)  # None = optim.epochs * steps_per_epoch
-    c.optim = config_dict.ConfigDict()  # fields of retinanet_jax.optim.OptimConfig
+    c.optim = config_dict.ConfigDict()  # fields of retinanet_jax.training.optim.OptimConfig
     c.optim.optimizer = "sgd"  # [train] --opt sgd
     c.optim.base_lr = 0.01  # [README] --lr 0.01 (at 16 images per step)
     c.optim.reference_batch_size = 16  # [README] 8 x 2 images per step

@@ -8,7 +8,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import _default_anchorgen
 
-from retinanet_jax import anchors as anc
+from retinanet_jax.ops import anchors as anc
 
 
 def _torchvision_anchors(image_hw, generator=None):

@@ -9,9 +9,9 @@ import optax
 import pytest
 from flax.serialization import to_state_dict
 
-from retinanet_jax import parallel
-from retinanet_jax.checkpoint import CheckpointMismatchError, Checkpointer
-from retinanet_jax.training import TrainState
+from retinanet_jax.parallel import mesh as parallel
+from retinanet_jax.training.checkpoint import CheckpointMismatchError, Checkpointer
+from retinanet_jax.training.step import TrainState
 
 
 def _variables(num_classes=3, seed=0):

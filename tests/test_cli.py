@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 import retinanet_jax as rj
-from retinanet_jax import model_io
+from retinanet_jax.interop import model_dir as model_io
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["cat", "dog", "bird"]
@@ -40,7 +40,7 @@ def _env(with_repo: bool = True) -> dict:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "retinanet_jax.cli", *map(str, args)], cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "retinanet_jax.cli.main", *map(str, args)], cwd=cwd,
                           env=_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -105,7 +105,7 @@ def test_help_of_every_command_explains_arguments_with_an_example(tmp_path):
                 "predict": ["--draw", "--display-thresh", "--score-thresh", "--output", "INPUT"],
                 "evaluate": ["--data", "--config", "--out-dir", "--class-map", "--step"],
                 "export": ["--canvas", "--input-dtype", "--platforms", "--batch-size"]}
-    procs = {c: subprocess.Popen([sys.executable, "-m", "retinanet_jax.cli", c, "--help"],
+    procs = {c: subprocess.Popen([sys.executable, "-m", "retinanet_jax.cli.main", c, "--help"],
                                  cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                  text=True) for c in commands}  # in parallel: each imports jax
     out = {c: p.communicate(timeout=120) + (p.returncode,) for c, p in procs.items()}
@@ -120,8 +120,9 @@ def test_help_of_every_command_explains_arguments_with_an_example(tmp_path):
 def test_console_script_entry_point(capsys, monkeypatch):
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, func = scripts["retinanet-jax"].partition(":")
-    assert (module, func) == ("retinanet_jax.cli", "console_main")
-    from retinanet_jax import cli, hostmem
+    assert (module, func) == ("retinanet_jax.cli.main", "console_main")
+    from retinanet_jax.cli import main as cli
+    from retinanet_jax.backends.cpu import hostmem
 
     # console_main re-executes itself for huge-page malloc (hostmem.py): opted out here, or it
     # would replace the pytest process.
@@ -244,8 +245,8 @@ def train_workdir(tiny, tmp_path_factory) -> Path:
     """A train.py-style workdir: step 1 (dead class head, but the best eval/AP) and step 2."""
     import optax
 
-    from retinanet_jax.checkpoint import Checkpointer
-    from retinanet_jax.training import create_train_state
+    from retinanet_jax.training.checkpoint import Checkpointer
+    from retinanet_jax.training.step import create_train_state
 
     model, variables, _ = tiny
     path = tmp_path_factory.mktemp("run")
@@ -315,7 +316,7 @@ def test_evaluate_training_workdir_matches_pycocotools(tiny, train_workdir, tmp_
 
 
 def test_label_mapping_pairs_classes_by_name_or_position():
-    from retinanet_jax.cli_evaluate import label_mapping
+    from retinanet_jax.cli.evaluate import label_mapping
 
     # torchvision's 91 COCO outputs against a dataset of 3 COCO classes: by name, rest dropped.
     coco = list(model_io.COCO_V1_CATEGORIES)

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 from jax import lax
 
-from retinanet_jax import conv, winograd
+from retinanet_jax.backends.cpu import conv
+from retinanet_jax.backends.cpu import winograd
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 

@@ -8,8 +8,8 @@ from PIL import Image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.transforms.functional import to_tensor
 
-from retinanet_jax.predict import predict
-from retinanet_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess_batch
+from retinanet_jax.inference.predict import predict
+from retinanet_jax.imageprep.normalize import IMAGENET_MEAN, IMAGENET_STD, preprocess_batch
 from tests.tv_utils import make_jax_from_tv
 
 # Not multiples of 32, landscape / portrait / square.

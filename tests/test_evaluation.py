@@ -9,7 +9,7 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from retinanet_jax import evaluation
+from retinanet_jax.evaluation import loop as evaluation
 
 CLASSES = ["circle", "square"]
 
@@ -174,10 +174,10 @@ def test_evaluate_matches_predict_and_pycocotools(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from retinanet_jax import parallel
+    from retinanet_jax.parallel import mesh as parallel
     from retinanet_jax.data import ShapesSource
     from retinanet_jax.models.retinanet import RetinaNet
-    from retinanet_jax.predict import predict
+    from retinanet_jax.inference.predict import predict
 
     src = ShapesSource("validation", num_images=6, image_size=(48, 80), max_objects=3)
     model = RetinaNet(num_classes=5, backbone="resnet18", variant="v1", frozen_bn=False, fpn_channels=32)

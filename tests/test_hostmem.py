@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 
-from retinanet_jax import hostmem
+from retinanet_jax.backends.cpu import hostmem
 
 
 def test_env_adds_tunable_once_and_respects_opt_out():
@@ -31,7 +31,7 @@ def test_reexec_keeps_interpreter_flags_and_arguments(tmp_path):
     script.write_text(textwrap.dedent("""
         import os, sys
         sys.path.insert(0, sys.argv[1])
-        from retinanet_jax import hostmem
+        from retinanet_jax.backends.cpu import hostmem
         print("before", os.getpid(), flush=True)
         hostmem.reexec_with_hugepages()
         print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], sys.flags.optimize)

@@ -1,4 +1,4 @@
-"""retinanet_jax.losses against torch / torchvision.ops, identities and gradients at extremes."""
+"""retinanet_jax.objective.losses against torch / torchvision.ops, identities and gradients at extremes."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from retinanet_jax import losses
+from retinanet_jax.objective import losses
 
 # float32 elementwise formulas that differ from torch's kernels only by rounding.
 RTOL, ATOL = 1e-5, 1e-6

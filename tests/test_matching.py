@@ -1,4 +1,4 @@
-"""retinanet_jax.matching against torchvision's Matcher(0.5, 0.4, allow_low_quality_matches=True)."""
+"""retinanet_jax.objective.matching against torchvision's Matcher(0.5, 0.4, allow_low_quality_matches=True)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +8,8 @@ import torch
 import torchvision
 from torchvision.models.detection._utils import Matcher
 
-from retinanet_jax.anchors import anchors_for_image
-from retinanet_jax.matching import match_anchors, match_anchors_batched
+from retinanet_jax.ops.anchors import anchors_for_image
+from retinanet_jax.objective.matching import match_anchors, match_anchors_batched
 
 
 def tv_match(anchors, gt_boxes, fg=0.5, bg=0.4, low_quality=True):

@@ -15,7 +15,7 @@ from retinanet_jax.models.fpn import upsample_nearest
 from retinanet_jax.models.heads import CLS_PRIOR_BIAS
 from retinanet_jax.models.resnet import RESNET_SPECS, BatchNorm, ResNet
 from retinanet_jax.models.retinanet import RetinaNet, frozen_param_mask
-from retinanet_jax.torchvision_port import backbone_from_torchvision, torch_key
+from retinanet_jax.interop.torchvision import backbone_from_torchvision, torch_key
 from tests.tv_utils import make_jax_from_tv, nchw_to_nhwc, random_images, tv_head_outputs
 
 HEAD_ATOL = 1e-4  # the contract: head outputs within 1e-4 of torchvision's (f32)

@@ -37,7 +37,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from retinanet_jax import distributed, parallel, train_loop
+from retinanet_jax.parallel import distributed
+from retinanet_jax.parallel import mesh as parallel
+from retinanet_jax.training import loop as train_loop
 # Autouse, module scope: a persistent XLA cache for the in-process runs (D and E reuse C's
 # compilations: init, train step).
 from test_train_loop import compilation_cache  # noqa: F401,E402
@@ -294,7 +296,7 @@ def test_evaluation_gathers_every_process_and_only_process_0_writes(runs):
 
 PEER = """
 import sys, time
-from retinanet_jax import distributed
+from retinanet_jax.parallel import distributed
 pid = int(sys.argv[1])
 distributed.initialize("auto", distributed.DistributedOptions(
     coordinator_address=sys.argv[2], num_processes=2, process_id=pid, heartbeat_timeout=5))

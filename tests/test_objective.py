@@ -1,4 +1,4 @@
-"""retinanet_jax.objective against torchvision's RetinaNet.compute_loss, padding and empty images."""
+"""retinanet_jax.objective.retinanet_loss against torchvision's RetinaNet.compute_loss, padding and empty images."""
 
 import types
 
@@ -11,8 +11,8 @@ from torchvision.models.detection import retinanet as tv_retinanet
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.image_list import ImageList
 
-from retinanet_jax.anchors import anchors_for_image
-from retinanet_jax.objective import compute_losses, retinanet_losses
+from retinanet_jax.ops.anchors import anchors_for_image
+from retinanet_jax.objective.retinanet_loss import compute_losses, retinanet_losses
 
 # Sums over ~4k anchors x K classes in float32, in a different order than torch.
 RTOL = 1e-5

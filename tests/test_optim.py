@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from retinanet_jax import optim
+from retinanet_jax.training import optim
 
 torch = pytest.importorskip("torch")
 

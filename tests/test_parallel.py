@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from retinanet_jax import parallel
+from retinanet_jax.parallel import mesh as parallel
 
 
 def test_make_mesh_shapes_and_axes():

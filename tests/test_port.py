@@ -12,7 +12,7 @@ import torch
 import torchvision
 
 from retinanet_jax.models.heads import CLS_PRIOR_BIAS
-from retinanet_jax.torchvision_port import backbone_from_torchvision, from_torchvision, to_torchvision
+from retinanet_jax.interop.torchvision import backbone_from_torchvision, from_torchvision, to_torchvision
 from tests.tv_utils import make_tv_model, tv_state_dict_numpy
 
 BUILDERS = {

@@ -8,8 +8,8 @@ import torch
 import torchvision
 from torchvision.models.detection import retinanet as tv_retinanet
 
-from retinanet_jax.anchors import anchors_for_image, num_anchors_per_level
-from retinanet_jax.postprocess import postprocess
+from retinanet_jax.ops.anchors import anchors_for_image, num_anchors_per_level
+from retinanet_jax.inference.postprocess import postprocess
 
 K = 91
 HW = (160, 224)  # padded canvas

@@ -1,4 +1,4 @@
-"""retinanet_jax.preprocess / predict: torchvision's resize arithmetic, input handling, batching,
+"""retinanet_jax.imageprep.normalize / predict: torchvision's resize arithmetic, input handling, batching,
 compile caching. Parity of whole detections with torchvision is in test_detection_parity.py."""
 
 import jax
@@ -8,11 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from retinanet_jax import anchors as anchors_lib
+from retinanet_jax.ops import anchors as anchors_lib
 from retinanet_jax.models.retinanet import RetinaNet
-from retinanet_jax.postprocess import postprocess
-from retinanet_jax.predict import Predictor, predict
-from retinanet_jax.preprocess import (TRACE_COUNTS, batch_canvas, linear_weights, padded_size,
+from retinanet_jax.inference.postprocess import postprocess
+from retinanet_jax.inference.predict import Predictor, predict
+from retinanet_jax.imageprep.normalize import (TRACE_COUNTS, batch_canvas, linear_weights, padded_size,
                                       preprocess_batch, resize_normalize_pad, resized_size,
                                       to_uint8_rgb)
 

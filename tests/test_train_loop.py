@@ -11,8 +11,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from retinanet_jax import anchors, train_loop
-from retinanet_jax.checkpoint import Checkpointer
+from retinanet_jax.ops import anchors
+from retinanet_jax.training import loop as train_loop
+from retinanet_jax.training.checkpoint import Checkpointer
 from retinanet_jax.data import TrainBatchIterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -186,7 +187,7 @@ def test_train_py_parses_config_file_and_overrides(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["base", "shapes", "tiny", "coco_r50_fpn_v1", "coco_r50_fpn_v2",
                                   "custom_coco_json", "custom_voc_xml", "custom_csv"])
 def test_configs_load_and_name_known_settings(name):
-    from retinanet_jax.optim import OptimConfig
+    from retinanet_jax.training.optim import OptimConfig
 
     c = runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))["get_config"]()
     assert c.dataset.source in train_loop.SOURCES
@@ -196,7 +197,7 @@ def test_configs_load_and_name_known_settings(name):
 
 
 def test_metric_writer_drops_lines_past_the_resumed_step(tmp_path):
-    from retinanet_jax.train_logging import MetricWriter
+    from retinanet_jax.training.progress import MetricWriter
 
     w = MetricWriter(tmp_path)
     for step in (1, 2, 3):

@@ -12,7 +12,9 @@ import numpy as np
 import optax
 import pytest
 
-from retinanet_jax import optim, parallel, training
+from retinanet_jax.training import optim
+from retinanet_jax.parallel import mesh as parallel
+from retinanet_jax.training import step as training
 from retinanet_jax.models.retinanet import RetinaNet
 
 BATCH, CANVAS, STEPS = 8, (64, 64), 3

@@ -156,7 +156,7 @@ def make_jax_from_tv(
     """(tv_model, jax_model, variables): the same weights on both sides, matching BN eps."""
     import jax.numpy as jnp
 
-    from retinanet_jax.torchvision_port import from_torchvision
+    from retinanet_jax.interop.torchvision import from_torchvision
 
     tv = make_tv_model(variant, num_classes, seed, lively, frozen_bn)
     model, variables = from_torchvision(

@@ -9,7 +9,7 @@ The *pixels* of training images are resized with PIL bilinear, which is much fas
 numpy bilinear but differs slightly from torch's ``interpolate(mode="bilinear",
 align_corners=False, antialias=False)``: identical sampling grid when upscaling (the usual
 case), but PIL low-pass filters (antialiases) when downscaling. The torch-exact resize used
-for prediction is ``retinanet_jax.predict``'s.
+for prediction is ``retinanet_jax.inference.predict``'s.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retinanet_jax.conv import float32_output_args
+from retinanet_jax.backends.cpu.conv import float32_output_args
 
 Array = jax.Array
 

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retinanet_jax.conv import conv_general_dilated, float32_output_args
+from retinanet_jax.backends.cpu.conv import conv_general_dilated, float32_output_args
 
 Array = jax.Array
 

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retinanet_jax import anchors as anchors_lib
+from retinanet_jax.ops import anchors as anchors_lib
 from retinanet_jax.models.fpn import FeaturePyramidNetwork
 from retinanet_jax.models.heads import RetinaNetHead
 from retinanet_jax.models.resnet import ResNet, stage_channels

@@ -1,4 +1,4 @@
-"""``retinanet-jax``: convert | predict | evaluate | export (``python -m retinanet_jax.cli``).
+"""``retinanet-jax``: convert | predict | evaluate | export (``python -m retinanet_jax.cli.main``).
 
 Every sub-command takes a model CHECKPOINT of any kind ``model_io.load_model`` reads: a
 torchvision ``.pth``, a model directory written by ``convert``, or a ``train.py`` workdir (or
@@ -181,7 +181,7 @@ def _class_names(arg: Optional[str]) -> Optional[list[str]]:
 
 
 def _load(args: argparse.Namespace, path: str) -> Any:
-    from retinanet_jax.model_io import load_model
+    from retinanet_jax.interop.model_dir import load_model
 
     loaded = load_model(path, variant=args.variant, backbone=args.backbone, step=args.step,
                         num_classes=getattr(args, "num_classes", None), class_names=_class_names(args.class_names))
@@ -212,13 +212,13 @@ def _options(args: argparse.Namespace, loaded: Any, config: Any = None) -> dict[
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from retinanet_jax.model_io import save_model
+    from retinanet_jax.interop.model_dir import save_model
 
     if os.path.exists(args.dst) and not args.force and (os.path.isfile(args.dst) or os.listdir(args.dst)):
         raise ValueError(f"{args.dst}: exists (use --force to overwrite)")
     loaded = _load(args, args.src)
     if args.dst.endswith((".pth", ".pt")):
-        from retinanet_jax.torchvision_port import to_torchvision
+        from retinanet_jax.interop.torchvision import to_torchvision
 
         sd = to_torchvision(loaded.model, loaded.variables)
         _save_pth(sd, args.dst)
@@ -242,7 +242,7 @@ def _save_pth(sd: dict, path: str) -> None:
 
 def _verify_pth(path: str, model: Any) -> str:
     """Reload ``path`` into torchvision's RetinaNet with strict=True when that model exists."""
-    from retinanet_jax.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, model_anchor_config
+    from retinanet_jax.ops.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, model_anchor_config
 
     if model.backbone != "resnet50" or model.fpn_channels != 256 or \
             model_anchor_config(model) != (DEFAULT_SIZES, DEFAULT_ASPECT_RATIOS):
@@ -262,7 +262,7 @@ def _verify_pth(path: str, model: Any) -> str:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from retinanet_jax.cli_predict import run_predict
+    from retinanet_jax.cli.predict import run_predict
     from retinanet_jax.data.transforms import make_buckets
 
     loaded = _load(args, args.checkpoint)
@@ -274,7 +274,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from retinanet_jax import cli_evaluate as ce
+    from retinanet_jax.cli import evaluate as ce
 
     loaded = _load(args, args.checkpoint)
     config = None
@@ -297,8 +297,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from retinanet_jax import export
-    from retinanet_jax.model_io import model_spec
+    from retinanet_jax.inference import export
+    from retinanet_jax.interop.model_dir import model_spec
 
     loaded = _load(args, args.checkpoint)
     opts = _options(args, loaded)
@@ -339,7 +339,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def console_main() -> int:
     """The ``retinanet-jax`` command: huge-page malloc for XLA:CPU (see ``hostmem``), then main."""
-    from retinanet_jax import hostmem
+    from retinanet_jax.backends.cpu import hostmem
 
     hostmem.reexec_with_hugepages()
     return main()

@@ -28,11 +28,11 @@ from jax.sharding import Mesh
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from retinanet_jax import anchors as anchors_lib
-from retinanet_jax import parallel
+from retinanet_jax.ops import anchors as anchors_lib
+from retinanet_jax.parallel import mesh as parallel
 from retinanet_jax.data import transforms
-from retinanet_jax.postprocess import postprocess
-from retinanet_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD, linear_weights
+from retinanet_jax.inference.postprocess import postprocess
+from retinanet_jax.imageprep.normalize import IMAGENET_MEAN, IMAGENET_STD, linear_weights
 
 log = logging.getLogger(__name__)
 

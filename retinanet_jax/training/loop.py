@@ -22,15 +22,16 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from retinanet_jax import evaluation, parallel
-from retinanet_jax.anchors import model_anchor_config
-from retinanet_jax.checkpoint import Checkpointer, config_to_dict
+from retinanet_jax.evaluation import loop as evaluation
+from retinanet_jax.parallel import mesh as parallel
+from retinanet_jax.ops.anchors import model_anchor_config
+from retinanet_jax.training.checkpoint import Checkpointer, config_to_dict
 from retinanet_jax.data import (CocoJsonSource, CsvSource, ShapesSource, TfdsSource,
                                 TrainBatchIterator, VocXmlSource)
 from retinanet_jax.models.retinanet import RetinaNet
-from retinanet_jax.optim import OptimConfig, make_optimizer
-from retinanet_jax.train_logging import MetricWriter, Progress, format_table
-from retinanet_jax.training import NonFiniteError, create_train_state, make_train_step
+from retinanet_jax.training.optim import OptimConfig, make_optimizer
+from retinanet_jax.training.progress import MetricWriter, Progress, format_table
+from retinanet_jax.training.step import NonFiniteError, create_train_state, make_train_step
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def build_model(config: Any, num_classes: int, *, pretrained: bool = True,
     if from_torchvision and m.fpn_channels != 256:
         raise ValueError(f"config.model.fpn_channels={m.fpn_channels}: torchvision weights have 256")
     if pretrained and from_torchvision:
-        from retinanet_jax import torchvision_port as port
+        from retinanet_jax.interop import torchvision as port
 
         skipped: list = []
         if init.retinanet_checkpoint:

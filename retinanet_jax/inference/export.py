@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retinanet_jax import anchors as anchors_lib
-from retinanet_jax.postprocess import postprocess
-from retinanet_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from retinanet_jax.training import normalize_images
+from retinanet_jax.ops import anchors as anchors_lib
+from retinanet_jax.inference.postprocess import postprocess
+from retinanet_jax.imageprep.normalize import IMAGENET_MEAN, IMAGENET_STD
+from retinanet_jax.training.step import normalize_images
 
 FORMAT = "retinanet_jax.exported"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")

@@ -13,9 +13,9 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from retinanet_jax import anchors as anchors_lib
-from retinanet_jax import losses
-from retinanet_jax.matching import BETWEEN_THRESHOLDS, match_anchors
+from retinanet_jax.ops import anchors as anchors_lib
+from retinanet_jax.objective import losses
+from retinanet_jax.objective.matching import BETWEEN_THRESHOLDS, match_anchors
 from retinanet_jax.ops.box_coder import decode_boxes, encode_boxes
 
 BOX_LOSSES = ("l1", "smooth_l1", "giou")

@@ -120,9 +120,9 @@ def _overlay_names(paths: list[str]) -> list[str]:
 def run_predict(loaded: Any, inputs: Sequence[str], *, output: str, draw_dir: Optional[str],
                 display_thresh: float, recursive: bool, batch_size: int, **predict_options: Any) -> int:
     """Run the whole command; returns the exit status (0 ok, 1 some inputs failed)."""
-    from retinanet_jax import draw
-    from retinanet_jax.evaluation import detections_to_coco, write_json_atomic
-    from retinanet_jax.predict import Predictor
+    from retinanet_jax.cli import draw
+    from retinanet_jax.evaluation.loop import detections_to_coco, write_json_atomic
+    from retinanet_jax.inference.predict import Predictor
 
     paths, errors = expand_inputs(inputs, recursive)
     for message in errors:

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retinanet_jax import anchors as anchors_lib
-from retinanet_jax.postprocess import postprocess
-from retinanet_jax.preprocess import (IMAGENET_MEAN, IMAGENET_STD, TRACE_COUNTS, batch_canvas,
+from retinanet_jax.ops import anchors as anchors_lib
+from retinanet_jax.inference.postprocess import postprocess
+from retinanet_jax.imageprep.normalize import (IMAGENET_MEAN, IMAGENET_STD, TRACE_COUNTS, batch_canvas,
                                       resize_normalize_pad, resized_size, to_uint8_rgb)
 
 Detections = dict[str, np.ndarray]

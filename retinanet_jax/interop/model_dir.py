@@ -103,7 +103,7 @@ def _abstract_variables(model: RetinaNet) -> Any:
 
 
 def _check_variables(model: RetinaNet, variables: Any, where: str) -> None:
-    from retinanet_jax.checkpoint import check_compatible
+    from retinanet_jax.training.checkpoint import check_compatible
 
     check_compatible(variables, _abstract_variables(model), where)
 
@@ -155,7 +155,7 @@ def _load_model_dir(directory: str) -> LoadedModel:
 
 
 def _default_category_ids(num_classes: int) -> list[int]:
-    from retinanet_jax.evaluation import default_category_ids
+    from retinanet_jax.evaluation.loop import default_category_ids
 
     return default_category_ids(num_classes)
 
@@ -170,7 +170,7 @@ def _guess_variant(sd: dict) -> str:
 
 def _load_pth(path: str, *, variant: Optional[str], backbone: Optional[str],
               num_classes: Optional[int], class_names: Optional[Sequence[str]]) -> LoadedModel:
-    from retinanet_jax import torchvision_port as port
+    from retinanet_jax.interop import torchvision as port
 
     try:
         sd = port._read_state_dict(path)  # torch.load(weights_only=True); code is refused
@@ -218,7 +218,7 @@ def _restore_training(directory: str, step: Optional[int]) -> tuple[int, dict, d
     """(step, {"params", "frozen_params", "batch_stats"} arrays, config, meta) read-only."""
     import orbax.checkpoint as ocp
 
-    from retinanet_jax.checkpoint import _CONFIG, _META, _STATE
+    from retinanet_jax.training.checkpoint import _CONFIG, _META, _STATE
 
     options = ocp.CheckpointManagerOptions(
         read_only=True, create=False, best_mode="max",
@@ -258,7 +258,7 @@ def _spec_from_config(config: dict, class_names: Optional[list]) -> dict:
 
 
 def _load_training(path: str, step: Optional[int]) -> LoadedModel:
-    from retinanet_jax.training import merge_params
+    from retinanet_jax.training.step import merge_params
 
     directory, step = _find_checkpoints(path, step)
     step, state, config, meta = _restore_training(directory, step)

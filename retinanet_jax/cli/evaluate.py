@@ -77,7 +77,7 @@ def load_config(path: str, overrides: dict[str, Any]) -> Any:
 def build_source(data: Optional[Sequence[str]], config: Any, split: str,
                  model_names: Optional[list[str]]) -> Any:
     """The evaluation split: ``--data SOURCE k=v ...`` or ``config.dataset.<split>``."""
-    from retinanet_jax.train_loop import SOURCES
+    from retinanet_jax.training.loop import SOURCES
 
     if data:
         name, kwargs = data[0], parse_assignments(data[1:], f"--data {data[0]}")
@@ -167,7 +167,7 @@ def precision_arrays(coco_gt: Any, results: list[dict], cat_ids: list[int]) -> t
     """(recall thresholds [R], precision [T, R, K]) of COCOeval (area all, maxDets 100)."""
     from pycocotools.cocoeval import COCOeval
 
-    from retinanet_jax.evaluation import _results_coco
+    from retinanet_jax.evaluation.loop import _results_coco
 
     coco_eval = COCOeval(coco_gt, _results_coco(coco_gt, results), iouType="bbox")
     coco_eval.params.catIds = list(cat_ids)
@@ -193,7 +193,7 @@ def _mean_valid(x: np.ndarray) -> float:
 
 def write_plots(out_dir: str, recall: np.ndarray, precision: np.ndarray, names: list[str]) -> list[str]:
     """``pr_all.png`` (mean over classes with ground truth) and ``pr_<class>.png`` per class."""
-    from retinanet_jax import draw
+    from retinanet_jax.cli import draw
 
     def curves(p: np.ndarray) -> list:  # p: [T, R] for one class or the class mean
         # Only a class without ground truth has -1 entries (then all of them are -1).
@@ -231,8 +231,8 @@ def format_report(metrics: dict, names: list[str], ap: list[float], ap50: list[f
 
 def run_evaluate(loaded: Any, source: Any, *, out_dir: str, class_map: str, **options: Any) -> int:
     """Evaluate, print the table, write detections.json / metrics.json / PR plots to ``out_dir``."""
-    from retinanet_jax import evaluation
-    from retinanet_jax.cli_predict import ImageProgress
+    from retinanet_jax.evaluation import loop as evaluation
+    from retinanet_jax.cli.predict import ImageProgress
 
     data_names = [str(n) for n in source.class_names]
     data_ids = list(getattr(source, "label_to_category_id", None)

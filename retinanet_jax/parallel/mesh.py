@@ -8,7 +8,7 @@ collectives, so a BatchNorm over a sharded batch sees the global batch and gradi
 summed over all devices without explicit ``pmean``.
 
 Multi-host: the mesh spans every process's devices (``jax.devices()`` is global once
-``jax.distributed.initialize()`` ran; see ``retinanet_jax.distributed``). Each process loads
+``jax.distributed.initialize()`` ran; see ``retinanet_jax.parallel.distributed``). Each process loads
 only its own rows of the global batch (``local_batch_size``) and ``shard_batch`` assembles them
 into one global array (``jax.make_array_from_process_local_data``); XLA's collectives then
 cross processes as they cross devices. A ``model`` group must stay inside one process

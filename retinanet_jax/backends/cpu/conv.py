@@ -26,7 +26,7 @@ materialised: XLA:CPU sends that form to its fast matmul library (YNNPACK) but t
 float32 kxk conv outside the Winograd rule is lax's (bit-identical); GEMM and Winograd forms
 equal it to float rounding.
 
-Use with Flax: ``nn.Conv(..., conv_general_dilated=retinanet_jax.conv.conv_general_dilated)``.
+Use with Flax: ``nn.Conv(..., conv_general_dilated=retinanet_jax.backends.cpu.conv.conv_general_dilated)``.
 Anything but an NHWC/HWIO, undilated, ungrouped conv with explicit padding falls back to
 ``lax.conv_general_dilated`` unchanged; ``with conv.implementation("lax"):`` does so for every
 conv traced inside (for benchmarks and A/B tests).
@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from retinanet_jax import winograd
+from retinanet_jax.backends.cpu import winograd
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _MODE = contextvars.ContextVar("retinanet_jax_conv_mode", default="auto")

@@ -28,11 +28,11 @@ import optax
 from flax import struct, traverse_util
 from jax.sharding import Mesh
 
-from retinanet_jax import parallel
-from retinanet_jax.anchors import anchors_for_model
+from retinanet_jax.parallel import mesh as parallel
+from retinanet_jax.ops.anchors import anchors_for_model
 from retinanet_jax.models.retinanet import frozen_param_mask
-from retinanet_jax.objective import retinanet_losses
-from retinanet_jax.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from retinanet_jax.objective.retinanet_loss import retinanet_losses
+from retinanet_jax.imageprep.normalize import IMAGENET_MEAN, IMAGENET_STD
 
 PyTree = Any
 
@@ -315,4 +315,4 @@ def make_train_step(
     )
 
 # The training program around this core (data, evaluation, checkpoints, logging) is
-# retinanet_jax.train_loop.train_and_evaluate.
+# retinanet_jax.training.loop.train_and_evaluate.
