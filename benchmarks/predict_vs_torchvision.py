@@ -254,7 +254,7 @@ def run(args):
             if dtype == "bf16":
                 f32_dets = next(r for r in results if r["case"] == row["case"])["_dets"]
                 row["match_f32"] = match_fraction(f32_dets, dets)
-                row["match_f32_clear"] = match_fraction(f32_dets, dets, cap=pred.static["detections_per_img"])
+                row["match_f32_clear"] = match_fraction(f32_dets, dets, cap=pred.options.detections_per_img)
                 # The same criterion for torchvision's own autocast against its float32 run: what
                 # bf16 rounding does to this model's detections in the reference framework.
                 tv_f32 = next(r for r in results if r["case"] == row["case"])["_ref"]
@@ -346,7 +346,7 @@ def dtype_ablation(args):
         for label, (pred, dets, times) in preds.items():
             print(f"| {name} x1 | {label} | {median(times):.3f} | {median(times) / base:.2f} | "
                   f"{100 * match_fraction(f32_dets, dets):.1f} | "
-                  f"{100 * match_fraction(f32_dets, dets, cap=pred.static['detections_per_img']):.1f} |",
+                  f"{100 * match_fraction(f32_dets, dets, cap=pred.options.detections_per_img):.1f} |",
                   flush=True)
 
 

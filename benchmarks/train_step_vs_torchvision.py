@@ -12,7 +12,7 @@ actually delivers. XLA flags come from the environment (``XLA_FLAGS``), so run t
 per flag set to compare them.
 
     PYTHONPATH=. python benchmarks/train_step_vs_torchvision.py [--reps 5] [--batch 4] [--size 512]
-        [--also-modes gemm,lax] [--no-torch] [--no-bf16]
+        [--also-modes lax] [--no-torch] [--no-bf16]
 """
 
 from __future__ import annotations
@@ -93,8 +93,8 @@ def main() -> None:
                              "framework's runs up to 30%% slower (measured; both frameworks share "
                              "this process's memory), which a training loop never sees")
     parser.add_argument("--also-modes", default="",
-                        help="comma-separated retinanet_jax.backends.cpu.conv modes to time as well: gemm (no "
-                             "Winograd), lax (plain XLA convolutions)")
+                        help="comma-separated retinanet_jax.backends.cpu.conv modes to time as well: lax "
+                             "(plain XLA convolutions)")
     parser.add_argument("--no-torch", action="store_true",
                         help="ours only (quick A/B of our variants; ratios vs the first one)")
     args = parser.parse_args()

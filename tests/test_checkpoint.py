@@ -55,7 +55,7 @@ def test_sharded_on_8_devices_restores_on_1_device(tmp_path):
     assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
     with Checkpointer(tmp_path / "ckpt") as ckpt:
         assert ckpt.save(7, state, config={"lr": 0.1}, class_names=["a", "b", "c"],
-                         data_state={"epoch": 1, "position": 3}, extra={"note": b"\x00\x01"})
+                         data_state={"epoch": 1, "position": 3}, extra={"note": "x", "ids": [1, 2]})
 
     mesh1 = parallel.make_mesh(devices=jax.devices()[:1])
     template = _state(mesh1, seed=1)  # different values, same structure
@@ -63,7 +63,7 @@ def test_sharded_on_8_devices_restores_on_1_device(tmp_path):
     assert restored.step == 7
     assert restored.config == {"lr": 0.1} and restored.class_names == ["a", "b", "c"]
     assert restored.data_state == {"epoch": 1, "position": 3}
-    assert restored.extra == {"note": b"\x00\x01"}
+    assert restored.extra == {"note": "x", "ids": [1, 2]}
     _assert_trees_equal(restored.state, state)
     assert int(restored.state.step) == int(state.step)
     for leaf in jax.tree.leaves(restored.state):
@@ -122,3 +122,11 @@ def test_other_model_raises_naming_key_and_shapes(tmp_path):
     ckpt.close()
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         Checkpointer(tmp_path / "empty").restore(_state(mesh))
+
+
+def test_non_json_metadata_is_refused_before_writing(tmp_path):
+    state = _state(parallel.make_mesh(devices=jax.devices()[:1]))
+    with Checkpointer(tmp_path / "ckpt", async_save=False) as ckpt:
+        with pytest.raises(TypeError, match="JSON"):
+            ckpt.save(1, state, extra={"note": b"\x00"})
+        assert ckpt.all_steps() == []

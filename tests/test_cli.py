@@ -23,7 +23,9 @@ import pytest
 from PIL import Image
 
 import retinanet_jax as rj
+from retinanet_jax.data.categories import COCO_V1_CATEGORIES
 from retinanet_jax.interop import model_dir as model_io
+from retinanet_jax.models.spec import model_spec
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["cat", "dog", "bird"]
@@ -237,6 +239,41 @@ def test_predict_folder_with_bad_files_json_and_drawings(tiny, model_dir, tmp_pa
                 assert diff[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].any(), (name, x1, y1, x2, y2)
 
 
+def test_predict_16_bit_grayscale_file_equals_rj_predict_on_the_pil_image(tiny, model_dir, tmp_path):
+    """A 16-bit grayscale PNG (PIL "I;16", values up to 65535) and an integer TIFF (PIL "I",
+    every value <= 255): the CLI, which reads files through data.decode, and ``rj.predict`` on
+    ``PIL.Image.open(path)`` see the same pixels, round(v / 257) whatever the values, so they
+    give the same detections."""
+    model, variables, _ = tiny
+    folder = tmp_path / "in"
+    folder.mkdir()
+    gray = _image(SIZE, SIZE, 30)[..., 0]
+    deep = gray.astype(np.uint16) * np.uint16(257)
+    deep[0, 0] = 65535
+    Image.fromarray(deep).save(folder / "a_16bit.png")
+    Image.fromarray(gray.astype(np.int32), "I").save(folder / "b_int.tif")
+    expected = {"a_16bit.png": np.rint(deep / 257.0), "b_int.tif": np.rint(gray / 257.0)}
+    _ok(run_cli("predict", model_dir, "in", "-o", "dets.json", "--batch-size", "1", *OPTS, cwd=tmp_path))
+    results = json.loads((tmp_path / "dets.json").read_text())
+    opts = dict(min_size=SIZE, max_size=SIZE, detections_per_img=100)
+    for name, mode in (("a_16bit.png", "I;16"), ("b_int.tif", "I")):
+        with Image.open(folder / name) as im:
+            assert im.mode == mode
+            want = rj.predict(model, variables, [im], **opts)[0]
+        # The same pixels as an explicit uint8 array of round(v / 257) (the rule itself).
+        rgb = np.repeat(expected[name].astype(np.uint8)[..., None], 3, -1)
+        ref = rj.predict(model, variables, [rgb], **opts)[0]
+        for key in ("boxes", "scores", "labels"):
+            np.testing.assert_array_equal(want[key], ref[key], err_msg=f"{name} {key}")
+        got = [r for r in results if os.path.basename(r["file_name"]) == name]
+        assert len(got) == len(want["scores"]) > 0, name
+        np.testing.assert_allclose([r["score"] for r in got], want["scores"], atol=1e-5, err_msg=name)
+        assert [r["category_id"] for r in got] == (want["labels"] + 1).tolist()
+        xywh = np.asarray([r["bbox"] for r in got])
+        np.testing.assert_allclose(xywh[:, :2], want["boxes"][:, :2], atol=1e-3, err_msg=name)
+        np.testing.assert_allclose(xywh[:, :2] + xywh[:, 2:], want["boxes"][:, 2:], atol=2e-3, err_msg=name)
+
+
 # ------------------------------------------------------------------------------ evaluate
 
 
@@ -256,7 +293,7 @@ def train_workdir(tiny, tmp_path_factory) -> Path:
         for step, v, ap in ((1, dead, 0.9), (2, variables, 0.1)):
             state = create_train_state(model, v, optax.sgd(0.1), trainable_backbone_layers=3)
             ckpt.save(step, state, config=config, class_names=NAMES, metrics={"eval/AP": ap},
-                      extra={"model": model_io.model_spec(model)})
+                      extra={"model": model_spec(model)})
     return path
 
 
@@ -319,7 +356,7 @@ def test_label_mapping_pairs_classes_by_name_or_position():
     from retinanet_jax.cli.evaluate import label_mapping
 
     # torchvision's 91 COCO outputs against a dataset of 3 COCO classes: by name, rest dropped.
-    coco = list(model_io.COCO_V1_CATEGORIES)
+    coco = list(COCO_V1_CATEGORIES)
     mapping = label_mapping(coco, 91, ["dog", "person", "toothbrush"])
     assert mapping[18] == 0 and mapping[1] == 1 and mapping[90] == 2
     assert (np.delete(mapping, [18, 1, 90]) == -1).all()

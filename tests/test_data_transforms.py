@@ -1,4 +1,5 @@
-"""Host transforms: torchvision's resize rule, flip, canvas buckets, box padding."""
+"""Host transforms (flip, padding, box padding) and the size rules they use from
+imageprep.geometry: torchvision's resize rule, canvas buckets."""
 
 import numpy as np
 import pytest
@@ -7,6 +8,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from retinanet_jax.data import transforms
 from retinanet_jax.data.errors import DataError
+from retinanet_jax.imageprep import geometry
 
 
 @pytest.mark.parametrize("hw, min_size, max_size", [
@@ -29,7 +31,7 @@ def test_resize_matches_torchvision(hw, min_size, max_size):
     images, targets = tv([torch.zeros(3, h, w)], [{"boxes": torch.from_numpy(boxes),
                                                   "labels": torch.zeros(5, dtype=torch.int64)}])
     expected_hw = tuple(images.image_sizes[0])
-    assert transforms.resized_size(hw, min_size, max_size) == expected_hw
+    assert geometry.resized_size(hw, min_size, max_size) == expected_hw
     ours = transforms.resize_boxes(boxes, hw, expected_hw)
     np.testing.assert_array_equal(ours, targets[0]["boxes"].numpy())  # same float32 ops
     resized = transforms.resize_image(np.zeros((h, w, 3), np.uint8), expected_hw)
@@ -49,16 +51,16 @@ def test_hflip_is_an_involution_and_mirrors_boxes():
 
 
 def test_buckets_and_padding():
-    buckets = transforms.make_buckets(800, 1333)
+    buckets = geometry.make_buckets(800, 1333)
     assert buckets == [(800, 800), (800, 1344), (1344, 800)]
-    assert transforms.choose_bucket((800, 1066), buckets) == (800, 1344)
-    assert transforms.choose_bucket((1066, 800), buckets) == (1344, 800)
-    assert transforms.choose_bucket((800, 800), buckets) == (800, 800)
+    assert geometry.choose_bucket((800, 1066), buckets) == (800, 1344)
+    assert geometry.choose_bucket((1066, 800), buckets) == (1344, 800)
+    assert geometry.choose_bucket((800, 800), buckets) == (800, 800)
     with pytest.raises(ValueError, match=r"no canvas bucket fits .*\(1400, 10\)"):
-        transforms.choose_bucket((1400, 10), buckets)
+        geometry.choose_bucket((1400, 10), buckets)
     # Every resized image, any orientation, fits a default bucket.
     for hw in [(480, 640), (640, 480), (1, 1000), (1000, 1), (333, 333)]:
-        transforms.choose_bucket(transforms.resized_size(hw, 800, 1333), buckets)
+        geometry.choose_bucket(geometry.resized_size(hw, 800, 1333), buckets)
 
     image = np.full((3, 5, 3), 200, np.uint8)
     canvas = transforms.pad_image(image, (4, 8))

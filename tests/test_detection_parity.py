@@ -9,7 +9,9 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.transforms.functional import to_tensor
 
 from retinanet_jax.inference.predict import predict
-from retinanet_jax.imageprep.normalize import IMAGENET_MEAN, IMAGENET_STD, preprocess_batch
+from retinanet_jax.imageprep.convert import to_uint8_rgb
+from retinanet_jax.imageprep.geometry import batch_canvas, resized_size
+from retinanet_jax.imageprep.normalize import IMAGENET_MEAN, IMAGENET_STD, resize_normalize_pad
 from tests.tv_utils import make_jax_from_tv
 
 # Not multiples of 32, landscape / portrait / square.
@@ -23,6 +25,16 @@ def noise_images(sizes, seed=0):
     return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in sizes]
 
 
+def prepare(images, min_size, max_size):
+    """predict's image preparation of one batch from the imageprep parts:
+    (float32 [B, H, W, 3] on the batch canvas, resized sizes int32 [B, 2])."""
+    arrays = [to_uint8_rgb(im, i) for i, im in enumerate(images)]
+    sizes = [resized_size(a.shape[:2], min_size, max_size) for a in arrays]
+    canvas = batch_canvas(sizes)
+    batch = np.stack([np.asarray(resize_normalize_pad(a, s, canvas)) for a, s in zip(arrays, sizes)])
+    return batch, np.asarray(sizes, np.int32)
+
+
 def torch_inputs(images):
     """What a torchvision user passes: to_tensor(PIL image), float [3, H, W] in [0, 1]."""
     return [to_tensor(Image.fromarray(im)) for im in images]
@@ -34,8 +46,7 @@ def test_preprocessing_equals_generalized_rcnn_transform(min_size, max_size):
     transform = GeneralizedRCNNTransform(min_size, max_size, list(IMAGENET_MEAN), list(IMAGENET_STD)).eval()
     ref, _ = transform(torch_inputs(images))
     # PIL and numpy inputs take the same path.
-    batch, sizes = preprocess_batch([Image.fromarray(images[0])] + images[1:],
-                                    min_size=min_size, max_size=max_size)
+    batch, sizes = prepare([Image.fromarray(images[0])] + images[1:], min_size, max_size)
     assert [tuple(s) for s in sizes.tolist()] == [tuple(s) for s in ref.image_sizes]
     want = ref.tensors.permute(0, 2, 3, 1).numpy()
     assert batch.shape == want.shape

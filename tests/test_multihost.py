@@ -40,9 +40,12 @@ import pytest
 from retinanet_jax.parallel import distributed
 from retinanet_jax.parallel import mesh as parallel
 from retinanet_jax.training import loop as train_loop
-# Autouse, module scope: a persistent XLA cache for the in-process runs (D and E reuse C's
-# compilations: init, train step).
-from test_train_loop import compilation_cache  # noqa: F401,E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(xla_compilation_cache):
+    """The in-process runs D and E reuse C's compilations (init, train step)."""
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
@@ -410,6 +413,118 @@ def test_distributed_flags_map_to_options():
     assert distributed.from_flags(fv) == ("on", distributed.DistributedOptions(
         coordinator_address="10.0.0.1:8476", num_processes=4, process_id=3,
         local_device_ids=(0, 1), heartbeat_timeout=30))
+
+
+OMPI = {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1234", "OMPI_COMM_WORLD_SIZE": "4",
+        "OMPI_COMM_WORLD_RANK": "3"}
+
+
+def test_launcher_processes():
+    assert distributed.launcher_processes(SLURM) == (1, 2)
+    assert distributed.launcher_processes(OMPI) == (3, 4)
+    assert distributed.launcher_processes({}) == (None, None)
+    # Inside an srun step SLURM_STEP_NUM_TASKS is the step's size (an sbatch script's
+    # SLURM_NTASKS is the allocation's).
+    assert distributed.detect_launcher({**SLURM, "SLURM_STEP_NUM_TASKS": "1"}) is None
+    assert distributed.launcher_processes({**SLURM, "SLURM_NTASKS": "1",
+                                           "SLURM_STEP_NUM_TASKS": "8"}) == (1, 8)
+
+
+@pytest.fixture
+def tpu_vm(monkeypatch):
+    """A Cloud TPU VM whose GCE metadata server serves ``tpu_vm`` (a dict; a missing key is
+    HTTP 404, ``tpu_vm["unreachable"] = True`` makes every request fail)."""
+    import urllib.error
+
+    metadata: dict = {}
+
+    def fake_metadata(key, environ):
+        if metadata.get("unreachable"):
+            raise urllib.error.URLError("no route to metadata.google.internal")
+        return metadata.get(key)
+
+    monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda environ: True)
+    monkeypatch.setattr(distributed, "_gce_metadata", fake_metadata)
+    return metadata
+
+
+def test_cloud_tpu_detection(tpu_vm):
+    detect = distributed.detect_launcher
+    # GKE: the worker list is in the environment (one entry per host of the slice).
+    assert detect({"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3", "TPU_WORKER_ID": "2"}) == "tpu"
+    assert distributed.launcher_processes(
+        {"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3", "TPU_WORKER_ID": "2"}) == (2, 4)
+    assert detect({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8471"}) is None  # one host
+    assert detect({"TPU_WORKER_HOSTNAMES": "w-0", "MEGASCALE_NUM_SLICES": "2"}) == "tpu"
+    # GCE TPU VM: the worker list (and the multislice settings) come from the metadata server.
+    assert detect({}) is None  # no worker-network-endpoints attribute: not a TPU VM slice
+    tpu_vm["worker-network-endpoints"] = "10.0.0.1"
+    assert detect({}) is None  # a single-host TPU VM: a plain process
+    tpu_vm["tpu-env"] = "ACCELERATOR_TYPE: 'v4-8'\nMEGASCALE_NUM_SLICES: '2'\n"
+    assert distributed.launcher_processes({}) == (None, 2)  # 1 host x 2 slices
+    tpu_vm["worker-network-endpoints"] = "w-0:0:10.0.0.1,w-1:1:10.0.0.2"
+    assert distributed.launcher_processes({"MEGASCALE_NUM_SLICES": "1"}) == (None, 2)
+    assert detect({"TPU_SKIP_MDS_QUERY": "1"}) is None  # jax skips the metadata server too
+    tpu_vm["unreachable"] = True
+    assert detect({}) is None  # no metadata server: not on GCE
+    assert detect({"TPU_WORKER_HOSTNAMES": "w-0,w-1"}) == "tpu"  # slices unknown: 1
+
+
+def test_no_cloud_tpu_detection_off_a_tpu_vm(monkeypatch):
+    def no_metadata(key, environ):
+        raise AssertionError("queried the metadata server off a TPU VM")
+
+    monkeypatch.setattr(distributed, "_gce_metadata", no_metadata)
+    monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda environ: False)
+    assert distributed.detect_launcher({"TPU_WORKER_HOSTNAMES": "w-0,w-1"}) is None
+    monkeypatch.undo()
+    monkeypatch.setattr(distributed, "_gce_metadata", no_metadata)
+    # This machine (CPU tests): no libtpu or no TPU chips, unless JAX_FORCE_TPU_INIT says so.
+    if not distributed._on_cloud_tpu_vm({}):
+        assert distributed.detect_launcher({}) is None
+    assert distributed._on_cloud_tpu_vm({"JAX_FORCE_TPU_INIT": "1"})
+
+
+@pytest.mark.parametrize("mode, env, options, expected_call, info", [
+    ("auto", {}, {}, None, (0, 1)),  # plain process: jax.distributed is left alone
+    ("off", SLURM, {}, None, (0, 1)),
+    ("auto", SLURM, {}, {"coordinator_address": None, "num_processes": None,
+                         "process_id": None}, (1, 2)),  # jax reads SLURM by itself
+    ("auto", OMPI, {}, {"num_processes": None}, (3, 4)),
+    ("auto", {"JAX_COORDINATOR_ADDRESS": "h:1"}, {"num_processes": 2, "process_id": 1},
+     {"coordinator_address": None, "num_processes": 2, "process_id": 1}, (1, 2)),
+    ("on", {}, {"coordinator_address": "h:1", "num_processes": 3, "process_id": 0,
+                "local_device_ids": (0, 1)},
+     {"coordinator_address": "h:1", "local_device_ids": [0, 1], "heartbeat_timeout_seconds": 60,
+      "shutdown_timeout_seconds": 120, "initialization_timeout": 300}, (0, 3)),
+])
+def test_initialize_calls_the_public_jax_api(monkeypatch, mode, env, options, expected_call,
+                                             info):
+    """``initialize`` calls ``jax.distributed.initialize`` (faked here) with the options, and
+    records the process numbers that ``exit_on_error`` reports without touching the backend."""
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "TPU_", "JAX_COORD"))]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda environ: False)
+    monkeypatch.setattr(distributed, "_started", {})
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: bool(calls))
+    monkeypatch.setattr(jax, "process_count", lambda: pytest.fail("created the backend"))
+    collectives = jax.config.jax_cpu_collectives_implementation
+    try:
+        started = distributed.initialize(mode, distributed.DistributedOptions(**options))
+    finally:
+        jax.config.update("jax_cpu_collectives_implementation", collectives)
+    assert started == (expected_call is not None)
+    assert len(calls) == int(started)
+    if started:
+        assert expected_call.items() <= calls[0].items(), calls[0]
+    assert distributed.is_initialized() == started
+    assert distributed.process_info() == info
+    if not started:
+        assert distributed.exit_on_error(OSError("disk full"), 5) is None  # returns
 
 
 def test_batch_and_mesh_errors_name_the_config_key():

@@ -42,11 +42,11 @@ def test_param_spec_rule(shape, model, spec):
     assert parallel.param_spec(shape, model) == spec
 
 
-def test_tree_shardings_and_put_tree_split_kernels_over_model():
+def test_tree_shardings_split_kernels_over_model():
     mesh = parallel.make_mesh(model=2)
     tree = {"conv": {"kernel": np.ones((3, 3, 4, 8), np.float32), "bias": np.ones((8,), np.float32)},
             "count": np.zeros((), np.int32)}
-    placed = parallel.put_tree(tree, mesh)
+    placed = jax.device_put(tree, parallel.tree_shardings(tree, mesh))
     k = placed["conv"]["kernel"]
     assert k.sharding.spec == P(None, None, None, "model")
     assert {s.data.shape for s in k.addressable_shards} == {(3, 3, 4, 4)}
@@ -67,7 +67,7 @@ def test_sharded_conv_kernel_gives_the_replicated_result():
         return jnp.sum(y * y, axis=(1, 2, 3))
 
     xs = parallel.shard_batch({"x": x}, mesh)["x"]
-    ws = parallel.put_tree({"w": w}, mesh)["w"]
+    ws = jax.device_put(w, parallel.tree_shardings(w, mesh))
     got = jax.jit(conv)(xs, ws)
     want = jax.jit(conv)(x, w)  # one device
     # Same per-output arithmetic; only the cross-channel sum order may differ.

@@ -207,3 +207,14 @@ def test_imagenet_backbone_loads_and_reports_fc(caplog):
     assert back["head.classification_head.cls_logits.weight"].shape == (27, 256, 3, 3)
     with pytest.raises(ValueError, match="resnet50"):
         backbone_from_torchvision(sd, backbone="resnet50")
+
+
+def test_corrupt_file_keeps_its_own_error(tmp_path):
+    # Only the weights-only unpickler's refusal says "refusing"; a damaged zip says what it is.
+    path = tmp_path / "cut.pth"
+    torch.save({"conv1.weight": torch.zeros(2, 3, 1, 1)}, path)
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ValueError, match=re.escape(str(path))) as info:
+        from_torchvision(str(path), "v1")
+    assert "refusing" not in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)

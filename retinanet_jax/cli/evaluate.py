@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import collections
 import json
 import os
 import re
@@ -77,23 +78,23 @@ def load_config(path: str, overrides: dict[str, Any]) -> Any:
 def build_source(data: Optional[Sequence[str]], config: Any, split: str,
                  model_names: Optional[list[str]]) -> Any:
     """The evaluation split: ``--data SOURCE k=v ...`` or ``config.dataset.<split>``."""
-    from retinanet_jax.training.loop import SOURCES
+    from retinanet_jax.data.registry import SourceArgumentError, make_source
 
     if data:
         name, kwargs = data[0], parse_assignments(data[1:], f"--data {data[0]}")
+        what, where = "--data SOURCE", f"--data {name}"
     else:
         try:
             name, kwargs = config.dataset.source, dict(config.dataset[split])
         except (KeyError, AttributeError) as e:
             raise ValueError(f"the config has no dataset.source / dataset.{split} ({e})") from e
-    if name not in SOURCES:
-        raise ValueError(f"unknown data source {name!r}; one of {sorted(SOURCES)}")
+        what, where = "config.dataset.source", f"config.dataset.{split}"
     if name == "voc_xml" and "class_names" not in kwargs and model_names:
         kwargs["class_names"] = list(model_names)  # the XMLs of one split may lack a class
     try:
-        return SOURCES[name](**kwargs)
-    except TypeError as e:
-        raise ValueError(f"data source {name!r} does not take {sorted(kwargs)}: {e}") from e
+        return make_source(name, kwargs, where=where, what=what)
+    except SourceArgumentError as e:  # only the keyword check: a bad input, reported as such
+        raise ValueError(str(e)) from e
 
 
 # ------------------------------------------------------------------------------ label mapping
@@ -167,9 +168,9 @@ def precision_arrays(coco_gt: Any, results: list[dict], cat_ids: list[int]) -> t
     """(recall thresholds [R], precision [T, R, K]) of COCOeval (area all, maxDets 100)."""
     from pycocotools.cocoeval import COCOeval
 
-    from retinanet_jax.evaluation.loop import _results_coco
+    from retinanet_jax.evaluation.loop import results_coco
 
-    coco_eval = COCOeval(coco_gt, _results_coco(coco_gt, results), iouType="bbox")
+    coco_eval = COCOeval(coco_gt, results_coco(coco_gt, results), iouType="bbox")
     coco_eval.params.catIds = list(cat_ids)
     with contextlib.redirect_stdout(io.StringIO()):
         coco_eval.evaluate()
@@ -229,15 +230,27 @@ def format_report(metrics: dict, names: list[str], ap: list[float], ap50: list[f
     return "\n".join(rows)
 
 
+def _counted(names: list[str]) -> str:
+    """'a, N/A (x10), b' in first-seen order."""
+    counts = collections.Counter(names)
+    return ", ".join(n if counts[n] == 1 else f"{n} (x{counts[n]})" for n in dict.fromkeys(names))
+
+
 def run_evaluate(loaded: Any, source: Any, *, out_dir: str, class_map: str, **options: Any) -> int:
     """Evaluate, print the table, write detections.json / metrics.json / PR plots to ``out_dir``."""
     from retinanet_jax.evaluation import loop as evaluation
-    from retinanet_jax.cli.predict import ImageProgress
+    from retinanet_jax.cli.progress import ImageProgress
+    from retinanet_jax.data.categories import default_category_ids
 
     data_names = [str(n) for n in source.class_names]
     data_ids = list(getattr(source, "label_to_category_id", None)
-                    or evaluation.default_category_ids(len(data_names)))
+                    or default_category_ids(len(data_names)))
     mapping = label_mapping(loaded.class_names, loaded.model.num_classes, data_names, class_map)
+    absent = [{"label": label, "name": loaded.label_name(label)}
+              for label in range(loaded.model.num_classes) if mapping[label] < 0]
+    if absent:
+        print(f"{len(absent)} of {loaded.model.num_classes} model outputs are not dataset classes "
+              f"(absent: no AP): {_counted([a['name'] for a in absent])}", file=sys.stderr)
     total = len(source) if options.get("max_images") is None else min(len(source), options["max_images"])
     progress = ImageProgress(total)
     view = EvalView(source, mapping, loaded.class_names, data_ids, progress)
@@ -265,6 +278,7 @@ def run_evaluate(loaded: Any, source: Any, *, out_dir: str, class_map: str, **op
     summary = {k: metrics[k] for k in (*evaluation.COCO_METRICS, "AR1", "AR10", "AR100", "num_images")}
     summary["per_class"] = {n: {"AP": a, "AP50": b, "num_gt": c}
                             for n, a, b, c in zip(data_names, ap, ap50, counts)}
+    summary["absent_outputs"] = absent
     summary["checkpoint"], summary["step"] = loaded.source, loaded.step
     evaluation.write_json_atomic(_no_nan(summary), os.path.join(out_dir, "metrics.json"))
     print(f"detections -> {det_path}; metrics -> {os.path.join(out_dir, 'metrics.json')}; "

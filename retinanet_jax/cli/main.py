@@ -1,6 +1,6 @@
 """``retinanet-jax``: convert | predict | evaluate | export (``python -m retinanet_jax.cli.main``).
 
-Every sub-command takes a model CHECKPOINT of any kind ``model_io.load_model`` reads: a
+Every sub-command takes a model CHECKPOINT of any kind ``cli.checkpoints.load_model`` reads: a
 torchvision ``.pth``, a model directory written by ``convert``, or a ``train.py`` workdir (or
 its ``checkpoints/`` directory; best step by eval/AP unless ``--step``). Heavy imports (jax,
 torch) happen inside the commands so that ``--help`` is instant.
@@ -165,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platforms", default="cpu,cuda,tpu", help="comma-separated jax.export platforms "
                    "the file runs on (default cpu,cuda,tpu)")
     _inference_args(p, batch_size=1)
+
+    from retinanet_jax.cli import anchors  # argparse only: --help stays instant
+    p = sub.add_parser("anchors", help="anchor coverage of a dataset's boxes; anchors fitted to them",
+                       formatter_class=_FMT, epilog=anchors.EPILOG, description=(
+                           "Share of ground-truth boxes with an anchor at IoU >= 0.5 / 0.4, and a "
+                           "search for anchor sizes and ratios that raise it."))
+    anchors.add_arguments(p)
     return parser
 
 
@@ -181,7 +188,7 @@ def _class_names(arg: Optional[str]) -> Optional[list[str]]:
 
 
 def _load(args: argparse.Namespace, path: str) -> Any:
-    from retinanet_jax.interop.model_dir import load_model
+    from retinanet_jax.cli.checkpoints import load_model
 
     loaded = load_model(path, variant=args.variant, backbone=args.backbone, step=args.step,
                         num_classes=getattr(args, "num_classes", None), class_names=_class_names(args.class_names))
@@ -218,52 +225,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.dst}: exists (use --force to overwrite)")
     loaded = _load(args, args.src)
     if args.dst.endswith((".pth", ".pt")):
-        from retinanet_jax.interop.torchvision import to_torchvision
+        from retinanet_jax.interop.torchvision import save_pth, to_torchvision, verify_pth
 
-        sd = to_torchvision(loaded.model, loaded.variables)
-        _save_pth(sd, args.dst)
+        save_pth(to_torchvision(loaded.model, loaded.variables), args.dst)
         if not args.no_verify:
-            print(_verify_pth(args.dst, loaded.model), file=sys.stderr)
+            print(verify_pth(args.dst, loaded.model), file=sys.stderr)
     else:
         save_model(args.dst, loaded)
     print(f"wrote {args.dst}")
     return 0
 
 
-def _save_pth(sd: dict, path: str) -> None:
-    try:
-        import torch
-    except ImportError as e:
-        raise ImportError(f"writing {path} needs torch (pip install torch)") from e
-    tmp = path + ".tmp"
-    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp)
-    os.replace(tmp, path)
-
-
-def _verify_pth(path: str, model: Any) -> str:
-    """Reload ``path`` into torchvision's RetinaNet with strict=True when that model exists."""
-    from retinanet_jax.ops.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, model_anchor_config
-
-    if model.backbone != "resnet50" or model.fpn_channels != 256 or \
-            model_anchor_config(model) != (DEFAULT_SIZES, DEFAULT_ASPECT_RATIOS):
-        return "not verified: torchvision has no builder for this backbone / FPN width / anchors"
-    try:
-        import torch
-        import torchvision.models.detection as tvd
-    except ImportError:
-        return "not verified: torchvision is not installed"
-    build = tvd.retinanet_resnet50_fpn if model.variant == "v1" else tvd.retinanet_resnet50_fpn_v2
-    tv = build(weights=None, weights_backbone=None, num_classes=model.num_classes)
-    try:
-        tv.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
-    except RuntimeError as e:  # torch's missing / unexpected keys or shape report
-        raise ValueError(f"{path}: torchvision {build.__name__} refuses it: {e}") from e
-    return f"verified: torchvision {build.__name__}(num_classes={model.num_classes}) loads it with strict=True"
-
-
 def cmd_predict(args: argparse.Namespace) -> int:
     from retinanet_jax.cli.predict import run_predict
-    from retinanet_jax.data.transforms import make_buckets
+    from retinanet_jax.imageprep.geometry import make_buckets
 
     loaded = _load(args, args.checkpoint)
     opts = _options(args, loaded)
@@ -298,7 +273,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from retinanet_jax.inference import export
-    from retinanet_jax.interop.model_dir import model_spec
+    from retinanet_jax.models.spec import model_spec
 
     loaded = _load(args, args.checkpoint)
     opts = _options(args, loaded)
@@ -319,7 +294,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"convert": cmd_convert, "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export}
+def cmd_anchors(args: argparse.Namespace) -> int:
+    from retinanet_jax.cli import anchors
+
+    return anchors.run(args)
+
+
+COMMANDS = {"convert": cmd_convert, "predict": cmd_predict, "evaluate": cmd_evaluate, "export": cmd_export,
+            "anchors": cmd_anchors}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

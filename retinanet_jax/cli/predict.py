@@ -12,11 +12,12 @@ import concurrent.futures
 import glob
 import os
 import sys
-import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import numpy as np
+
+from retinanet_jax.cli.progress import ImageProgress
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".pbm")
@@ -45,45 +46,6 @@ def expand_inputs(inputs: Sequence[str], recursive: bool = False) -> tuple[list[
                 seen.add(key)
                 paths.append(p)
     return paths, errors
-
-
-class ImageProgress:
-    """tqdm bar when stderr is a terminal, else a plain stderr line every ``every`` seconds
-    and at the end."""
-
-    def __init__(self, total: int, what: str = "images", every: float = 5.0):
-        self.total, self.what, self.every, self.done, self.failed = total, what, every, 0, 0
-        self._t0 = self._last = time.monotonic()
-        self._bar = None
-        if sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr)
-
-    def update(self, done: int, failed: int = 0) -> None:
-        self.done += done
-        self.failed += failed
-        if self._bar is not None:
-            self._bar.update(done)
-            self._bar.set_postfix(failed=self.failed, refresh=False)
-            return
-        now = time.monotonic()
-        if now - self._last >= self.every or self.done >= self.total:
-            self._last = now
-            rate = self.done / max(now - self._t0, 1e-9)
-            print(f"{self.done}/{self.total} {self.what} ({self.failed} failed, {rate:.1f}/s)",
-                  file=sys.stderr, flush=True)
-
-    def warn(self, message: str) -> None:
-        """Print ``message`` on stderr without breaking the bar."""
-        if self._bar is not None:
-            self._bar.write(message, file=sys.stderr)
-        else:
-            print(message, file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def _decode(path: str) -> tuple[Optional[np.ndarray], Optional[str]]:
@@ -159,7 +121,7 @@ def run_predict(loaded: Any, inputs: Sequence[str], *, output: str, draw_dir: Op
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     write_json_atomic(results, output)
     ok = len(paths) - (len(failed) - len(errors))
-    print(f"{ok} images, {len(results)} detections (score > {predictor.static['score_thresh']}) "
+    print(f"{ok} images, {len(results)} detections (score > {predictor.options.score_thresh}) "
           f"-> {output}" + (f"; overlays -> {draw_dir}" if draw_dir else ""))
     if failed:
         print(f"{len(failed)} input(s) failed:\n  " + "\n  ".join(failed), file=sys.stderr)

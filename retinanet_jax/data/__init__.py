@@ -11,8 +11,8 @@ from retinanet_jax.data.errors import DataError
 from retinanet_jax.data.pipeline import TrainBatchIterator
 from retinanet_jax.data.shapes import ShapesSource
 from retinanet_jax.data.tfds_source import TfdsSource
-from retinanet_jax.data.transforms import make_buckets, resized_size
 from retinanet_jax.data.voc_xml import VOC_CLASSES, VocXmlSource
+from retinanet_jax.imageprep.geometry import make_buckets, resized_size
 
 __all__ = [
     "CocoJsonSource", "CsvSource", "DataError", "ShapesSource", "TfdsSource",

@@ -1,18 +1,12 @@
-"""Image decoding with PIL to RGB uint8 [H, W, 3].
+"""Image files -> RGB uint8 [H, W, 3], decoded with PIL.
 
-Conversions (all sources use these, so training and evaluation see the same pixels):
-- grayscale ("1", "L"), palette ("P"), "CMYK", "YCbCr", ...: ``PIL.Image.convert("RGB")``;
-  grayscale is replicated into the three channels.
-- alpha ("RGBA", "LA", "PA", palette with transparency): the alpha channel is dropped, not
-  composited, exactly as ``Image.open(p).convert("RGB")`` in torchvision's reference scripts.
-- 16-bit ("I;16", "I;16B", ..., and "I", which PIL uses for 16-bit PNGs): scaled to 8 bits by
-  ``round(v / 257)`` (65535 -> 255), then replicated to RGB. 16-bit RGB PNGs are reduced to
-  8 bits by PIL itself when opened.
-- float images ("F") have no agreed range and are refused.
-- EXIF orientation is ignored: pixels are used as stored, as torchvision's COCO reference
-  does, and as COCO / VOC annotations (made on the stored pixels) require.
+Pixel conversion (grayscale, palette, alpha, 16-bit, float) follows
+``retinanet_jax.imageprep.convert``, the one rule set that ``predict`` uses too, so training,
+evaluation, the CLI and ``rj.predict`` see the same pixels for the same file. In short:
+grayscale is replicated, alpha dropped (not composited), 16-bit grayscale scaled by
+``round(v / 257)``, float images ("F") refused; EXIF orientation is ignored.
 
-Missing or undecodable files raise ``DataError`` naming the file.
+Missing, undecodable or unsupported files raise ``DataError`` naming the file.
 """
 
 from __future__ import annotations
@@ -24,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from retinanet_jax.data.errors import DataError
+from retinanet_jax.imageprep import convert
 
 
 def _open(path: str) -> Image.Image:
@@ -36,23 +31,14 @@ def _open(path: str) -> Image.Image:
 
 
 def to_rgb_uint8(image: Image.Image, name: str = "<image>") -> np.ndarray:
-    """Converts a PIL image of any supported mode to uint8 [H, W, 3]; ``name`` is for errors."""
-    mode = image.mode
-    if mode == "RGB":
-        return np.asarray(image, dtype=np.uint8)
-    if mode == "I" or mode.startswith("I;16"):
-        values = np.asarray(image).astype(np.float64)
-        gray = np.rint(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
-        return np.repeat(gray[..., None], 3, axis=-1)
-    if mode == "F":
-        raise DataError(f"{name}: float image (PIL mode 'F') has no defined 0-255 range")
-    if mode == "P" and "transparency" in image.info:
-        # Going through RGBA avoids PIL's warning about byte-encoded palette transparency.
-        image = image.convert("RGBA")
+    """Converts a PIL image of any supported mode to uint8 [H, W, 3] (``imageprep.convert``'s
+    rules); ``DataError`` naming ``name`` for a mode without RGB meaning or a failed conversion."""
     try:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        return convert.pil_to_rgb(image)
+    except convert.UnsupportedModeError as e:
+        raise DataError(f"{name}: float image, {e}") from None
     except (OSError, ValueError) as e:
-        raise DataError(f"{name}: cannot convert PIL mode {mode!r} to RGB ({e})") from e
+        raise DataError(f"{name}: cannot convert PIL mode {image.mode!r} to RGB ({e})") from e
 
 
 def read_image(path: str) -> np.ndarray:

@@ -24,6 +24,7 @@ from typing import Any, Iterator, Optional, Sequence
 import numpy as np
 
 from retinanet_jax.data import sampler, transforms
+from retinanet_jax.imageprep import geometry
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,28 @@ class _BatchLoader:
         }
 
 
+def _let_grain_read_its_flags() -> None:
+    """Lets grain read its own absl flags (their defaults) when the program parsed none.
+
+    grain reads some of its options as absl flags directly (``mp_prefetch`` reads
+    ``--grain_enable_multiprocess_worker_profiling`` on every iteration, from its threads), and
+    absl refuses to read any flag before ``FLAGS`` are parsed, which outside ``absl.app`` they
+    are not. Rather than marking the whole global ``FLAGS`` parsed (which would let every other
+    library's unparsed flags be read as defaults and hide a program's missing parse), only
+    grain's own flags that nothing set are marked present, as grain itself does in its worker
+    processes; their values stay the defaults, and a later ``FLAGS(argv)`` still parses them.
+    Nothing changes when the flags are parsed (``absl.app``: ``train.py``).
+    """
+    from absl import flags
+
+    if flags.FLAGS.is_parsed():
+        return
+    for name in list(flags.FLAGS):
+        flag = flags.FLAGS[name]
+        if name.startswith("grain_") and not flag.present:
+            flag.present = True
+
+
 class TrainBatchIterator:
     """Endless (or ``num_epochs``-long) iterator of training batches; see module doc.
 
@@ -104,8 +127,9 @@ class TrainBatchIterator:
       seed: shuffling and augmentation seed.
       min_sizes: min_size candidates (one drawn per image; torchvision multi-scale training).
       max_size: long-side limit.
-      buckets: canvas (h, w) list; default ``transforms.make_buckets(max(min_sizes),
-        max_size)``, plus a (max_size, max_size) canvas if some image size is unknown.
+      buckets: canvas (h, w) list; default ``imageprep.geometry.make_buckets(max(min_sizes),
+        max_size)``, plus the unknown-size canvas (``geometry.with_unknown_size_canvas``) if
+        some image size is unknown. Given buckets are used as they are.
       max_boxes: G, boxes per image after padding; ``box_overflow`` "error" | "truncate".
       hflip_prob: probability of a left-right flip.
       process_index, process_count: this host's shard (``jax.process_index()`` / count).
@@ -135,12 +159,10 @@ class TrainBatchIterator:
         min_sizes = tuple(int(s) for s in min_sizes)
         sizes = _image_sizes(source)
         if buckets is None:
-            buckets = transforms.make_buckets(max(min_sizes), max_size)
-            if any(s is None for s in sizes):
-                side = -(-int(max_size) // 32) * 32
-                buckets.append((side, side))
+            buckets = geometry.with_unknown_size_canvas(
+                geometry.make_buckets(max(min_sizes), max_size), max_size, sizes)
         buckets = [tuple(int(v) for v in b) for b in buckets]
-        by_size = {s: transforms.image_bucket(s, buckets, max(min_sizes), max_size)
+        by_size = {s: geometry.image_bucket(s, buckets, max(min_sizes), max_size)
                    for s in set(sizes)}  # few distinct sizes: COCO has ~1000 among 118k images
         canvases = [by_size[s] for s in sizes]
         self.canvases = sorted(set(canvases), key=lambda hw: (hw[0] * hw[1], hw))
@@ -199,10 +221,7 @@ class TrainBatchIterator:
         except ImportError as e:
             raise ImportError("worker_count > 0 needs grain (pip install grain); "
                               "or pass worker_count=0") from e
-        from absl import flags  # grain reads absl flags; outside absl.app they are unparsed
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
+        _let_grain_read_its_flags()
         ds = grain.MapDataset.range(steps.start, steps.stop).map(self._loader)
         # One thread per worker: each element is a whole batch, parallelism is across workers.
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))

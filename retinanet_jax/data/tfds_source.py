@@ -33,6 +33,7 @@ import numpy as np
 
 from retinanet_jax.data.errors import DataError
 from retinanet_jax.data.records import BadRecords, box_faults
+from retinanet_jax.imageprep import convert
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +98,10 @@ class TfdsSource:
     def __getitem__(self, i: int) -> dict[str, Any]:
         ex = self._data[int(i)]
         where = f"tfds {self.name}[{self.split}] index {i}"
-        image = np.asarray(ex["image"])
-        if image.dtype != np.uint8:
-            raise DataError(f"{where}: image dtype {image.dtype}, expected uint8")
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.shape[-1] == 1:
-            image = np.repeat(image, 3, axis=-1)
-        elif image.shape[-1] == 4:
-            image = image[..., :3]  # drop alpha, as decode.to_rgb_uint8 does
+        try:  # grayscale replicated, alpha dropped: the rules of data.decode and predict
+            image = convert.array_to_rgb(np.asarray(ex["image"]), f"{where}: image")
+        except (TypeError, ValueError) as e:
+            raise DataError(str(e)) from None
         h, w = image.shape[:2]
         objects = ex["objects"]
         # Per-object fields are parallel sequences; a record where they disagree is corrupt

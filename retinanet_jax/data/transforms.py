@@ -1,35 +1,27 @@
 """Host-side (numpy / PIL) training transforms: resize, flip, pad to a canvas bucket, pad boxes.
 
-Resize follows torchvision's ``GeneralizedRCNNTransform``: scale = min(min_size / short side,
-max_size / long side) in Python float (double), output size = floor(side * scale) as
-``F.interpolate(scale_factor=scale, recompute_scale_factor=True)`` computes it, and boxes are
-scaled by float32 ratios new_size / old_size as ``resize_boxes`` does.
+Sizes (torchvision's resize rule) and canvas buckets come from ``retinanet_jax.imageprep.geometry``,
+as for prediction and evaluation; boxes are scaled by float32 ratios new_size / old_size as
+torchvision's ``resize_boxes`` does.
 
 The *pixels* of training images are resized with PIL bilinear, which is much faster than a
 numpy bilinear but differs slightly from torch's ``interpolate(mode="bilinear",
 align_corners=False, antialias=False)``: identical sampling grid when upscaling (the usual
 case), but PIL low-pass filters (antialiases) when downscaling. The torch-exact resize used
-for prediction is ``retinanet_jax.inference.predict``'s.
+for prediction and evaluation is ``retinanet_jax.imageprep.normalize``'s.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from retinanet_jax.data.errors import DataError
+from retinanet_jax.imageprep.geometry import resized_size
 
 BOX_OVERFLOW = ("error", "truncate")
-
-
-def resized_size(image_hw: tuple[int, int], min_size: float, max_size: float) -> tuple[int, int]:
-    """(h, w) after torchvision's min/max-size resize of an image of size ``image_hw``."""
-    h, w = int(image_hw[0]), int(image_hw[1])
-    scale = min(float(min_size) / min(h, w), float(max_size) / max(h, w))
-    return math.floor(float(h) * scale), math.floor(float(w) * scale)
 
 
 def resize_boxes(boxes: np.ndarray, old_hw: tuple[int, int], new_hw: tuple[int, int]) -> np.ndarray:
@@ -55,27 +47,6 @@ def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     flipped[:, 0] = width - boxes[:, 2]
     flipped[:, 2] = width - boxes[:, 0]
     return image[:, ::-1], flipped
-
-
-def make_buckets(min_size: int, max_size: int, divisor: int = 32) -> list[tuple[int, int]]:
-    """Canvas (h, w) buckets covering every image resized with (min_size, max_size).
-
-    A resized image has short side <= min_size and long side <= max_size, so landscape images
-    fit (S, L) and portrait ones (L, S), with S, L rounded up to ``divisor``; (S, S) keeps
-    square images from being padded to the long side.
-    """
-    s = -(-int(min_size) // divisor) * divisor
-    l = -(-int(max_size) // divisor) * divisor
-    return sorted({(s, s), (s, l), (l, s)}, key=lambda hw: (hw[0] * hw[1], hw))
-
-
-def choose_bucket(image_hw: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
-    """The smallest-area bucket (h, w) with h >= image h and w >= image w; ties -> first."""
-    fitting = [tuple(b) for b in buckets if b[0] >= image_hw[0] and b[1] >= image_hw[1]]
-    if not fitting:
-        raise ValueError(f"no canvas bucket fits an image of (h, w)={tuple(image_hw)}; "
-                         f"buckets={list(buckets)}")
-    return min(fitting, key=lambda b: b[0] * b[1])
 
 
 def pad_image(image: np.ndarray, canvas_hw: tuple[int, int], where: str = "",
@@ -146,12 +117,3 @@ def train_transform(example: dict[str, Any], rng: np.random.Generator, *,
         "num_truncated": truncated,
     }
 
-
-def image_bucket(image_hw: Optional[tuple[int, int]], buckets: Sequence[tuple[int, int]],
-                 max_min_size: int, max_size: int) -> tuple[int, int]:
-    """The canvas for an image of original size ``image_hw`` under any min_size up to
-    ``max_min_size`` (the resized size grows with min_size). ``None`` (size unknown): the
-    smallest bucket that fits every image, (L, L) with L = max_size."""
-    if image_hw is None:
-        return choose_bucket((max_size, max_size), buckets)
-    return choose_bucket(resized_size(image_hw, max_min_size, max_size), buckets)

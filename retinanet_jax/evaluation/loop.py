@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import functools
 import io
 import json
 import logging
@@ -30,21 +29,16 @@ from pycocotools.cocoeval import COCOeval
 
 from retinanet_jax.ops import anchors as anchors_lib
 from retinanet_jax.parallel import mesh as parallel
-from retinanet_jax.data import transforms
-from retinanet_jax.inference.postprocess import postprocess
-from retinanet_jax.imageprep.normalize import IMAGENET_MEAN, IMAGENET_STD, linear_weights
+from retinanet_jax.data.categories import default_category_ids
+from retinanet_jax.imageprep import geometry
+from retinanet_jax.imageprep.normalize import resize_normalize_host
+from retinanet_jax.inference.detector import DetectorOptions, detect_jit
 
 log = logging.getLogger(__name__)
 
 # Names of COCOeval.stats[0:6], in order.
 COCO_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 DETECTIONS_FILE = "detections.json"
-
-
-def default_category_ids(num_classes: int) -> list[int]:
-    """label -> COCO category id when the dataset gives none: ``label + 1`` (0 is background
-    in COCO-style files)."""
-    return list(range(1, num_classes + 1))
 
 
 def _check_category_ids(class_names: Sequence[str], category_ids: Sequence[int] | None) -> list[int]:
@@ -121,7 +115,8 @@ def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
     tmp.replace(path)
 
 
-def _results_coco(coco_gt: COCO, results: list[dict]) -> COCO:
+def results_coco(coco_gt: COCO, results: list[dict]) -> COCO:
+    """COCO results list -> pycocotools ``COCO`` of detections for ``coco_gt``'s images."""
     # pycocotools' loadRes fails on an empty list; an empty results COCO evaluates to AP 0.
     if results:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -150,10 +145,11 @@ def coco_metrics(coco_gt: COCO, results: list[dict]) -> dict[str, Any]:
     """Run COCOeval (bbox) on a results list.
 
     Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl": float, "AR1", "AR10", "AR100": float,
-    "per_class_AP": {name: float (NaN without ground truth)}}``. pycocotools reports -1 for an
-    area range without ground truth; that is kept.
+    "per_class_AP": [float] (one per category, in the order of ``coco_gt``'s categories: label
+    order for :func:`coco_ground_truth`; NaN without ground truth), "class_names": [str] (for display; names may repeat, as torchvision's
+    COCO "N/A")}``. pycocotools reports -1 for an area range without ground truth; that is kept.
     """
-    coco_dt = _results_coco(coco_gt, results)
+    coco_dt = results_coco(coco_gt, results)
     coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
     text = io.StringIO()
     with contextlib.redirect_stdout(text):
@@ -164,9 +160,12 @@ def coco_metrics(coco_gt: COCO, results: list[dict]) -> dict[str, Any]:
     stats = [float(s) for s in coco_eval.stats]
     metrics: dict[str, Any] = dict(zip(COCO_METRICS, stats[:6]))
     metrics.update({"AR1": stats[6], "AR10": stats[7], "AR100": stats[8]})
-    cat_ids = list(coco_eval.params.catIds)
-    names = {c["id"]: c["name"] for c in coco_gt.dataset["categories"]}
-    metrics["per_class_AP"] = {str(names[c]): ap for c, ap in zip(cat_ids, per_class_ap(coco_eval))}
+    # pycocotools orders categories by id; report them in coco_gt's order (label order for
+    # coco_ground_truth), keyed by position since names may repeat.
+    ap_by_id = dict(zip(coco_eval.params.catIds, per_class_ap(coco_eval)))
+    categories = coco_gt.dataset["categories"]
+    metrics["per_class_AP"] = [ap_by_id[c["id"]] for c in categories]
+    metrics["class_names"] = [str(c["name"]) for c in categories]
     return metrics
 
 
@@ -186,16 +185,6 @@ def evaluate_detections(detections: Iterable[Mapping[str, Any]], coco_gt: COCO,
 # to one of a few canvas buckets, so the jitted forward + postprocess compiles once per bucket.
 
 
-def _resize_normalized(image: np.ndarray, out_hw: tuple[int, int]) -> np.ndarray:
-    """uint8 [h, w, 3] -> float32 [H, W, 3] ImageNet-normalized, torch-bilinear resized."""
-    x = (image.astype(np.float32) / np.float32(255.0) - np.asarray(IMAGENET_MEAN, np.float32)) \
-        / np.asarray(IMAGENET_STD, np.float32)
-    r0, r1, rw0, rw1 = linear_weights(image.shape[0], int(out_hw[0]))
-    c0, c1, cw0, cw1 = linear_weights(image.shape[1], int(out_hw[1]))
-    x = rw0[:, None, None] * x[r0] + rw1[:, None, None] * x[r1]
-    return cw0[None, :, None] * x[:, c0] + cw1[None, :, None] * x[:, c1]
-
-
 def eval_plan(source: Any, global_batch_size: int, *, min_size: int, max_size: int,
               buckets: Sequence[tuple[int, int]] | None = None, max_images: int | None = None,
               ) -> list[tuple[tuple[int, int], np.ndarray]]:
@@ -205,12 +194,10 @@ def eval_plan(source: Any, global_batch_size: int, *, min_size: int, max_size: i
     size, ``source.image_size(i)``; unknown sizes go to the largest canvas).
     """
     n = len(source) if max_images is None else min(len(source), int(max_images))
-    buckets = [tuple(b) for b in (buckets or transforms.make_buckets(min_size, max_size))]
     sizes = [source.image_size(i) if hasattr(source, "image_size") else None for i in range(n)]
-    if any(s is None for s in sizes):
-        side = -(-int(max_size) // 32) * 32
-        buckets.append((side, side))
-    canvases = [transforms.image_bucket(s, buckets, min_size, max_size) for s in sizes]
+    buckets = geometry.with_unknown_size_canvas(
+        buckets or geometry.make_buckets(min_size, max_size), max_size, sizes)
+    canvases = [geometry.image_bucket(s, buckets, min_size, max_size) for s in sizes]
     plan = []
     for canvas in sorted(set(canvases), key=lambda hw: (hw[0] * hw[1], hw)):
         idx = np.asarray([i for i, c in enumerate(canvases) if c == canvas], np.int64)
@@ -232,23 +219,16 @@ def _load_rows(source: Any, canvas: tuple[int, int], indices: np.ndarray, min_si
             continue
         ex = source[int(index)]
         hw = tuple(int(v) for v in ex["image"].shape[:2])
-        new_hw = transforms.resized_size(hw, min_size, max_size)
+        new_hw = geometry.resized_size(hw, min_size, max_size)
         if new_hw[0] > canvas[0] or new_hw[1] > canvas[1]:
             raise ValueError(f"image_id {ex['image_id']}: decoded size {hw} does not fit its canvas "
                              f"{canvas} (source.image_size({int(index)}) was wrong?)")
-        images[r, :new_hw[0], :new_hw[1]] = _resize_normalized(ex["image"], new_hw)
+        images[r, :new_hw[0], :new_hw[1]] = resize_normalize_host(ex["image"], new_hw)
         sizes[r] = new_hw
         gts.append({"image_id": int(ex["image_id"]), "image_hw": hw,
                     "boxes": np.asarray(ex["boxes"], np.float32).reshape(-1, 4),
                     "labels": np.asarray(ex["labels"]).reshape(-1)})
     return {"images": images, "image_sizes": sizes}, gts
-
-
-@functools.partial(jax.jit, static_argnames=("model", "level_sizes", "post"))
-def _detect(variables, images, image_sizes, anchors, *, model, level_sizes, post):
-    out = model.apply(variables, images)
-    return postprocess(out["cls_logits"], out["bbox_regression"], anchors, level_sizes,
-                       image_sizes, **dict(post))
 
 
 def _gather_to_all(obj: Any) -> list[Any]:
@@ -287,9 +267,9 @@ def evaluate(model: Any, variables: Any, source: Any, *, mesh: Mesh | None = Non
         category_ids = getattr(source, "label_to_category_id", None)
     category_ids = _check_category_ids(class_names, category_ids)
     local = parallel.local_batch_size(batch_size, mesh)
-    post = tuple(sorted(dict(score_thresh=float(score_thresh), topk_candidates=int(topk_candidates),
-                             nms_thresh=float(nms_thresh), detections_per_img=int(detections_per_img),
-                             class_agnostic=bool(class_agnostic)).items()))
+    options = DetectorOptions.of(score_thresh=score_thresh, topk_candidates=topk_candidates,
+                                 nms_thresh=nms_thresh, detections_per_img=detections_per_img,
+                                 class_agnostic=class_agnostic)
     variables = _on_mesh(variables, mesh)
     p = jax.process_index()
     plan = eval_plan(source, batch_size, min_size=min_size, max_size=max_size, buckets=buckets,
@@ -308,9 +288,8 @@ def evaluate(model: Any, variables: Any, source: Any, *, mesh: Mesh | None = Non
                                          min_size, max_size))
             batch = parallel.shard_batch(host_batch, mesh)
             anchors = jnp.asarray(anchors_lib.anchors_for_model(model, canvas))
-            level_sizes = anchors_lib.num_anchors_per_level(canvas, model.num_anchors)
-            out = _detect(variables, batch["images"], batch["image_sizes"], anchors, model=model,
-                          level_sizes=level_sizes, post=post)
+            out = detect_jit(variables, batch["images"], batch["image_sizes"], anchors, model=model,
+                             options=options)
             boxes, scores, labels, num_valid = (_local_rows(x, mesh) for x in out)
             for r, gt in enumerate(batch_gts):
                 if gt is None:
@@ -334,14 +313,16 @@ def evaluate(model: Any, variables: Any, source: Any, *, mesh: Mesh | None = Non
             write_json_atomic(all_results, output_path)
         metrics = coco_metrics(coco_gt, all_results)
         values[:] = ([metrics[k] for k in COCO_METRICS] + [metrics[k] for k in ("AR1", "AR10", "AR100")]
-                     + list(metrics["per_class_AP"].values()))
+                     + list(metrics["per_class_AP"]))
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         values = np.asarray(multihost_utils.broadcast_one_to_all(values))
         names = list(COCO_METRICS) + ["AR1", "AR10", "AR100"]
         metrics = {k: float(v) for k, v in zip(names, values)}
-        metrics["per_class_AP"] = {str(c): float(v) for c, v in zip(class_names, values[len(names):])}
+        # coco_ground_truth numbers categories in label order, so values line up with labels.
+        metrics["per_class_AP"] = [float(v) for v in values[len(names):]]
+        metrics["class_names"] = [str(c) for c in class_names]
     metrics["num_images"] = len(all_gts)
     return metrics
 

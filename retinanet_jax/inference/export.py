@@ -37,46 +37,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retinanet_jax.imageprep.normalize import IMAGENET_MEAN, IMAGENET_STD, inside_mask, normalize_images
+from retinanet_jax.inference.detector import DetectorOptions, detect
 from retinanet_jax.ops import anchors as anchors_lib
-from retinanet_jax.inference.postprocess import postprocess
-from retinanet_jax.imageprep.normalize import IMAGENET_MEAN, IMAGENET_STD
-from retinanet_jax.training.step import normalize_images
 
 FORMAT = "retinanet_jax.exported"
 DEFAULT_PLATFORMS = ("cpu", "cuda", "tpu")
 INPUT_DTYPES = ("uint8", "float32")
 
 
-def _inside(image_sizes: jax.Array, hw: tuple[int, int]) -> jax.Array:
-    """bool [B, H, W, 1]: True inside each image's (h, w) region."""
-    ys = jnp.arange(hw[0])[None, :] < image_sizes[:, 0:1]
-    xs = jnp.arange(hw[1])[None, :] < image_sizes[:, 1:2]
-    return (ys[:, :, None] & xs[:, None, :])[..., None]
-
-
 def detector_fn(model: Any, variables: Any, canvas: tuple[int, int], *, input_dtype: str = "uint8",
-                score_thresh: float = 0.05, topk_candidates: int = 1000, nms_thresh: float = 0.5,
-                detections_per_img: int = 300, class_agnostic: bool = False):
+                **options: Any):
     """``detect(images [B,H,W,3], image_sizes int32 [B,2]) -> (boxes, scores, labels, num_valid)``
-    for ``canvas`` = (H, W), closing over ``variables`` (see the module doc)."""
+    for ``canvas`` = (H, W), closing over ``variables`` (see the module doc). ``options``:
+    :class:`~retinanet_jax.inference.detector.DetectorOptions` fields (torchvision's defaults)."""
     if input_dtype not in INPUT_DTYPES:
         raise ValueError(f"input_dtype must be one of {INPUT_DTYPES}, got {input_dtype!r}")
+    opts = DetectorOptions.of(**options)
     anchors = np.asarray(anchors_lib.anchors_for_model(model, canvas))
-    level_sizes = anchors_lib.num_anchors_per_level(canvas, model.num_anchors)
 
-    def detect(images: jax.Array, image_sizes: jax.Array):
+    def detect_fn(images: jax.Array, image_sizes: jax.Array):
         image_sizes = image_sizes.astype(jnp.int32)
         if input_dtype == "uint8":
             x = normalize_images(images, image_sizes)  # torchvision's op order, zero padding
         else:
-            x = jnp.where(_inside(image_sizes, canvas), images.astype(jnp.float32), 0.0)
-        out = model.apply(variables, x)
-        return postprocess(out["cls_logits"], out["bbox_regression"], jnp.asarray(anchors),
-                           level_sizes, image_sizes, score_thresh=score_thresh,
-                           topk_candidates=topk_candidates, nms_thresh=nms_thresh,
-                           detections_per_img=detections_per_img, class_agnostic=class_agnostic)
+            x = jnp.where(inside_mask(image_sizes, canvas), images.astype(jnp.float32), 0.0)
+        return detect(model, variables, x, image_sizes, jnp.asarray(anchors), opts)
 
-    return detect
+    return detect_fn
 
 
 def export_detector(model: Any, variables: Any, *, batch_size: int, canvas: tuple[int, int],
@@ -113,14 +101,3 @@ def save_exported(path: str, exported: jax.export.Exported, meta: dict[str, Any]
         f.write(exported.serialize())
     with open(path + ".json", "w") as f:
         json.dump(info, f, indent=1)
-
-
-def load_exported(path: str) -> tuple[jax.export.Exported, dict[str, Any]]:
-    """(``jax.export.Exported``, sidecar metadata) of a file written by :func:`save_exported`."""
-    with open(path, "rb") as f:
-        exported = jax.export.deserialize(bytearray(f.read()))
-    meta = {}
-    if os.path.isfile(path + ".json"):
-        with open(path + ".json") as f:
-            meta = json.load(f)
-    return exported, meta

@@ -1,11 +1,12 @@
 """``predict``: images in, detections in original pixels out, like torchvision's ``model(images)``.
 
-Pipeline (torchvision ``RetinaNet.forward`` in eval mode): preprocessing equal to
-``GeneralizedRCNNTransform`` (``preprocess.py``) -> one jitted forward + fixed-shape postprocess
-per padded batch shape -> ``transform.postprocess``'s ``resize_boxes`` back to original pixels.
-Batches are consecutive chunks of ``batch_size`` images in input order, padded like torchvision's
-``batch_images`` (so a chunk gives what torchvision gives for that chunk), or to one of fixed
-``buckets`` canvases so that shapes, and hence compilations, recur.
+Pipeline (torchvision ``RetinaNet.forward`` in eval mode): image preparation equal to
+``GeneralizedRCNNTransform`` (``retinanet_jax.imageprep``) -> the jitted detector (forward +
+fixed-shape postprocess, ``inference.detector``) per padded batch shape -> ``transform.postprocess``'s
+``resize_boxes`` back to original pixels. Batches are consecutive chunks of ``batch_size`` images
+in input order, padded like torchvision's ``batch_images`` (so a chunk gives what torchvision
+gives for that chunk), or to one of fixed ``buckets`` canvases so that shapes, and hence
+compilations, recur.
 """
 
 from __future__ import annotations
@@ -18,26 +19,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retinanet_jax.imageprep.convert import to_uint8_rgb
+from retinanet_jax.imageprep.geometry import batch_canvas, resized_size
+from retinanet_jax.imageprep.normalize import (IMAGENET_MEAN, IMAGENET_STD, TRACE_COUNTS,
+                                               resize_normalize_pad)
+from retinanet_jax.inference.detector import DetectorOptions, detect
 from retinanet_jax.ops import anchors as anchors_lib
-from retinanet_jax.inference.postprocess import postprocess
-from retinanet_jax.imageprep.normalize import (IMAGENET_MEAN, IMAGENET_STD, TRACE_COUNTS, batch_canvas,
-                                      resize_normalize_pad, resized_size, to_uint8_rgb)
 
 Detections = dict[str, np.ndarray]
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "model", "level_sizes", "score_thresh", "topk_candidates", "nms_thresh",
-    "detections_per_img", "class_agnostic"))
-def _detect(variables, images, image_sizes, anchors, ratios, *, model, level_sizes, score_thresh,
-            topk_candidates, nms_thresh, detections_per_img, class_agnostic):
-    """Forward + postprocess + rescale of one padded batch; compiled once per shape and config."""
+@functools.partial(jax.jit, static_argnames=("model", "options"))
+def _detect(variables, images, image_sizes, anchors, ratios, *, model, options):
+    """The detector + rescale of one padded batch; compiled once per shape and config."""
     TRACE_COUNTS["detect"] += 1
-    out = model.apply(variables, images)
-    boxes, scores, labels, num_valid = postprocess(
-        out["cls_logits"], out["bbox_regression"], anchors, level_sizes, image_sizes,
-        score_thresh=score_thresh, topk_candidates=topk_candidates, nms_thresh=nms_thresh,
-        detections_per_img=detections_per_img, class_agnostic=class_agnostic)
+    boxes, scores, labels, num_valid = detect(model, variables, images, image_sizes, anchors, options)
     # torchvision resize_boxes: x * (orig_w / resized_w), y * (orig_h / resized_h) in float32.
     rh, rw = ratios[:, 0], ratios[:, 1]
     scale = jnp.stack([rw, rh, rw, rh], axis=-1)[:, None, :]
@@ -80,9 +76,9 @@ class Predictor:
         self.min_size, self.max_size, self.size_divisible = min_size, max_size, size_divisible
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.batch_size, self.buckets = batch_size, buckets
-        self.static = dict(score_thresh=float(score_thresh), topk_candidates=int(topk_candidates),
-                           nms_thresh=float(nms_thresh), detections_per_img=int(detections_per_img),
-                           class_agnostic=bool(class_agnostic))
+        self.options = DetectorOptions.of(
+            score_thresh=score_thresh, topk_candidates=topk_candidates, nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img, class_agnostic=class_agnostic)
 
     # ---- stages (public so that benchmarks can time them separately)
 
@@ -111,10 +107,9 @@ class Predictor:
         canvas = (int(batch.shape[1]), int(batch.shape[2]))
         # float32 / float32 as torchvision's resize_boxes (new / old size tensors).
         ratios = original_sizes.astype(np.float32) / image_sizes.astype(np.float32)
-        level_sizes = anchors_lib.num_anchors_per_level(canvas, self.model.num_anchors)
-        return _detect(self.variables, batch, jnp.asarray(image_sizes), _device_anchors(canvas, *anchors_lib.model_anchor_config(self.model)),
-                       jnp.asarray(ratios), model=self.model, level_sizes=level_sizes,
-                       **self.static)
+        anchors = _device_anchors(canvas, *anchors_lib.model_anchor_config(self.model))
+        return _detect(self.variables, batch, jnp.asarray(image_sizes), anchors, jnp.asarray(ratios),
+                       model=self.model, options=self.options)
 
     @staticmethod
     def to_numpy(outputs, count: int) -> list[Detections]:

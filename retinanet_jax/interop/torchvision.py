@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -69,7 +70,9 @@ def _to_numpy(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _read_state_dict(src: StateDictSource) -> dict[str, np.ndarray]:
+def read_state_dict(src: StateDictSource) -> dict[str, np.ndarray]:
+    """``src`` (a ``.pth`` path or a mapping) -> ``{key: numpy array}``; files are read with
+    ``torch.load(weights_only=True)``, so a pickle that would run code is refused."""
     if isinstance(src, Mapping):
         obj: Any = src
     else:
@@ -83,11 +86,14 @@ def _read_state_dict(src: StateDictSource) -> dict[str, np.ndarray]:
         try:
             # weights_only: a pickle that would construct arbitrary objects (run code) is refused.
             obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # UnpicklingError, RuntimeError (not a zip/pickle), ...
+        except pickle.UnpicklingError as e:  # torch's weights-only unpickler refused the content
+            detail = str(e).strip().splitlines()
             raise ValueError(
                 f"refusing to load {path}: not a plain tensor checkpoint readable with "
-                f"torch.load(weights_only=True) ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                f"torch.load(weights_only=True) ({type(e).__name__}: {detail[0] if detail else ''})"
             ) from e
+        except RuntimeError as e:  # torch's own report of a file it cannot read (corrupt zip, ...)
+            raise ValueError(f"{path}: cannot read this torch file: {e}") from e
         # Training checkpoints of torchvision's references wrap the weights as {"model": sd, ...}.
         for wrapper in ("model", "state_dict"):
             if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
@@ -231,7 +237,7 @@ def from_torchvision(
     Any other mismatch (missing/unexpected key, shape, architecture) raises ValueError.
     Returns (model, {"params", "batch_stats"}).
     """
-    sd = _rename_legacy_keys(_read_state_dict(src))
+    sd = _rename_legacy_keys(read_state_dict(src))
     has_nbt = any(k.endswith("." + _NBT) for k in sd)
     if _CLS_KEYS[0] not in sd:
         raise ValueError(f"not a RetinaNet state_dict: no {_CLS_KEYS[0]!r}{_hint(sd, variant, backbone)}")
@@ -300,7 +306,7 @@ def backbone_from_torchvision(
     retinanet_resnet50_fpn with weights_backbone) and False for v2 (BatchNorm2d). bn_eps 1e-5 is
     torchvision's for both. Any other mismatch raises ValueError.
     """
-    sd = _read_state_dict(src)
+    sd = read_state_dict(src)
     if any(k.startswith(("backbone.", "head.")) for k in sd):
         raise ValueError("this is a detection state_dict, not an ImageNet classifier; use from_torchvision")
     if backbone is None:
@@ -361,3 +367,37 @@ def to_torchvision(model: RetinaNet, variables: Mapping[str, Any]) -> dict[str, 
     if missing:
         raise ValueError(f"variables lack {missing[:5]} ({len(missing)} missing)")
     return out
+
+
+def save_pth(sd: Mapping[str, np.ndarray], path: str) -> None:
+    """Write a state_dict of numpy arrays as a torch ``.pth`` (atomically: tmp file, rename)."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(f"writing {path} needs torch (pip install torch)") from e
+    tmp = path + ".tmp"
+    torch.save({k: torch.from_numpy(v) for k, v in sd.items()}, tmp)
+    os.replace(tmp, path)
+
+
+def verify_pth(path: str, model: RetinaNet) -> str:
+    """Reload ``path`` into torchvision's RetinaNet with strict=True when that model exists.
+
+    Returns what was checked, as a sentence; ``ValueError`` if torchvision refuses the file."""
+    from retinanet_jax.ops.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, model_anchor_config
+
+    if model.backbone != "resnet50" or model.fpn_channels != 256 or \
+            model_anchor_config(model) != (DEFAULT_SIZES, DEFAULT_ASPECT_RATIOS):
+        return "not verified: torchvision has no builder for this backbone / FPN width / anchors"
+    try:
+        import torch
+        import torchvision.models.detection as tvd
+    except ImportError:
+        return "not verified: torchvision is not installed"
+    build = tvd.retinanet_resnet50_fpn if model.variant == "v1" else tvd.retinanet_resnet50_fpn_v2
+    tv = build(weights=None, weights_backbone=None, num_classes=model.num_classes)
+    try:
+        tv.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    except RuntimeError as e:  # torch's missing / unexpected keys or shape report
+        raise ValueError(f"{path}: torchvision {build.__name__} refuses it: {e}") from e
+    return f"verified: torchvision {build.__name__}(num_classes={model.num_classes}) loads it with strict=True"

@@ -107,21 +107,39 @@ def frozen_param_mask(params: Any, trainable_backbone_layers: int, *, frozen_bn:
     if trainable_backbone_layers == 5:
         train_tops.append("bn1")
 
-    def frozen(path: tuple[Any, ...], _leaf: Any) -> bool:
+    def frozen(path: tuple[Any, ...], _leaf: Any, is_norm: bool) -> bool:
         names = [str(getattr(k, "key", k)) for k in path]
         if names[:2] != ["backbone", "body"] or len(names) < 3:
             return False
         top = names[2].split("_")[0]  # "layer3_4" -> "layer3"
         if top not in _BODY_TOP:
             raise ValueError(f"unexpected backbone parameter {'/'.join(names)}")
-        if frozen_bn and _is_batchnorm(names):
+        if frozen_bn and is_norm:  # the body's BatchNorms (bn1/bn2/bn3, downsample_1)
             return True
         return top not in train_tops
 
-    return jax.tree_util.tree_map_with_path(frozen, params)
+    return jax.tree_util.tree_map_with_path(frozen, params, norm_param_mask(params))
 
 
-def _is_batchnorm(names: list[str]) -> bool:
-    # Body BN modules are bn1/bn2/bn3 and downsample_1 (the conv is downsample_0).
-    module = names[-2]
-    return module.startswith("bn") or module == "downsample_1"
+def norm_param_mask(params: Any) -> Any:
+    """Pytree of bools like ``params``: True for parameters of normalisation layers
+    (BatchNorm / GroupNorm / LayerNorm).
+
+    Flax norm layers own a ``scale`` (and usually a ``bias``) and never a ``kernel``, so every
+    leaf of a module dict holding ``scale`` but no ``kernel`` is a norm parameter (torchvision's
+    ``set_weight_decay`` split by module type, found by structure).
+    """
+
+    def visit(node: Any) -> Any:
+        if not _is_container(node):
+            return False
+        is_norm = "scale" in node and "kernel" not in node
+        out = {k: visit(v) if _is_container(v) else is_norm for k, v in node.items()}
+        # Keep the container type (dict / FrozenDict) so the mask's treedef matches params'.
+        return out if type(node) is dict else type(node)(out)
+
+    return visit(params)
+
+
+def _is_container(v: Any) -> bool:
+    return hasattr(v, "items") and not hasattr(v, "shape")

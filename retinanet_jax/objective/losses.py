@@ -12,6 +12,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from retinanet_jax.ops.boxes import paired_generalized_iou
+
 _REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -143,29 +145,7 @@ def giou_loss(
     Returns:
       ``[...]`` losses in ``[0, 2]`` for valid boxes, with the reduction applied.
     """
-    boxes1 = _upcast(boxes1)
-    boxes2 = _upcast(boxes2).astype(boxes1.dtype)
-    x1, y1, x2, y2 = jnp.moveaxis(boxes1, -1, 0)
-    x1g, y1g, x2g, y2g = jnp.moveaxis(boxes2, -1, 0)
-
-    xi1 = jnp.maximum(x1, x1g)
-    yi1 = jnp.maximum(y1, y1g)
-    xi2 = jnp.minimum(x2, x2g)
-    yi2 = jnp.minimum(y2, y2g)
-    # torchvision zeroes the intersection unless both extents are positive (not a clamp: two
-    # negative extents must not multiply into a positive area).
-    overlaps = (yi2 > yi1) & (xi2 > xi1)
-    inter = jnp.where(overlaps, (xi2 - xi1) * (yi2 - yi1), 0.0)
-    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
-    iou = inter / (union + eps)
-
-    xc1 = jnp.minimum(x1, x1g)
-    yc1 = jnp.minimum(y1, y1g)
-    xc2 = jnp.maximum(x2, x2g)
-    yc2 = jnp.maximum(y2, y2g)
-    area_c = (xc2 - xc1) * (yc2 - yc1)
-    giou = iou - (area_c - union) / (area_c + eps)
-    loss = 1.0 - giou
+    loss = 1.0 - paired_generalized_iou(boxes1, boxes2, eps)
     if reduction == "mean" and loss.size == 0:
         return jnp.sum(loss)  # torchvision returns 0 for the mean of no boxes, not nan
     return _reduce(loss, reduction)

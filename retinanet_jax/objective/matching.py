@@ -7,8 +7,6 @@ rules, but on fixed-shape, padded ground truth so it runs under ``jax.jit`` / ``
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -82,27 +80,3 @@ def match_anchors(
     # No real box (torchvision skips the matcher: all background) needs no special case: the
     # padding IoU is below any bg_iou and padding never takes part in low-quality matches.
     return matches.astype(jnp.int32)
-
-
-def match_anchors_batched(
-    anchors: jax.Array,
-    gt_boxes: jax.Array,
-    gt_labels: jax.Array,
-    fg_iou: float = 0.5,
-    bg_iou: float = 0.4,
-    allow_low_quality: bool = True,
-) -> jax.Array:
-    """``match_anchors`` over a batch sharing one anchor set.
-
-    Args:
-      anchors: float ``[A, 4]`` xyxy pixels (the same for every image of a padded batch).
-      gt_boxes: float ``[B, G, 4]`` xyxy pixels.
-      gt_labels: int ``[B, G]``, ``-1`` = padding.
-
-    Returns:
-      int32 ``[B, A]`` with ``match_anchors``' codes.
-    """
-    fn = functools.partial(
-        match_anchors, fg_iou=fg_iou, bg_iou=bg_iou, allow_low_quality=allow_low_quality
-    )
-    return jax.vmap(fn, in_axes=(None, 0, 0))(anchors, gt_boxes, gt_labels)

@@ -1,9 +1,10 @@
-"""Box geometry in JAX: area, IoU, GIoU, clipping, format conversion.
+"""Box geometry in JAX: area, IoU, paired GIoU, clipping.
 
 All boxes are ``xyxy`` unless a name says otherwise. Arithmetic is done in at least float32
 (bf16 inputs are upcast, like torchvision's ``_upcast``), so IoU is never computed in bf16.
 Formulas follow ``torchvision.ops.boxes`` operation for operation, so results agree to float
-rounding; the only intended difference is that 0/0 gives 0 instead of nan.
+rounding; the only intended difference is that 0/0 gives 0 instead of nan (the paired GIoU
+keeps torchvision's ``eps`` instead, as its loss does).
 """
 
 from __future__ import annotations
@@ -52,19 +53,35 @@ def box_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray) -> jnp.ndarray:
     return _safe_div(inter, union)
 
 
-def generalized_box_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray) -> jnp.ndarray:
-    """Pairwise GIoU: ``[..., N, 4], [..., M, 4]`` xyxy -> ``[..., N, M]`` in [-1, 1].
+def paired_generalized_iou(boxes1: jnp.ndarray, boxes2: jnp.ndarray, eps: float = 1e-7) -> jnp.ndarray:
+    """GIoU of paired boxes (elementwise, not all-pairs): ``[..., 4], [..., 4]`` xyxy -> ``[...]``.
 
-    Mirrors torchvision.ops.generalized_box_iou; 0/0 terms (empty boxes) are taken as 0.
+    The formula of ``torchvision.ops.generalized_box_iou_loss`` (whose loss is ``1 - this``):
+    ``eps`` is added to the union and enclosing areas against 0/0 for degenerate boxes, and
+    the intersection is zero unless both extents are positive.
     """
-    b1, b2 = _f32(boxes1), _f32(boxes2)
-    inter, union = box_inter_union(b1, b2)
-    iou = _safe_div(inter, union)
-    lti = jnp.minimum(b1[..., :, None, :2], b2[..., None, :, :2])
-    rbi = jnp.maximum(b1[..., :, None, 2:], b2[..., None, :, 2:])
-    whi = jnp.maximum(rbi - lti, 0)
-    areai = whi[..., 0] * whi[..., 1]
-    return iou - _safe_div(areai - union, areai)
+    b1 = _f32(boxes1)
+    b2 = _f32(boxes2).astype(b1.dtype)
+    x1, y1, x2, y2 = jnp.moveaxis(b1, -1, 0)
+    x1g, y1g, x2g, y2g = jnp.moveaxis(b2, -1, 0)
+
+    xi1 = jnp.maximum(x1, x1g)
+    yi1 = jnp.maximum(y1, y1g)
+    xi2 = jnp.minimum(x2, x2g)
+    yi2 = jnp.minimum(y2, y2g)
+    # torchvision zeroes the intersection unless both extents are positive (not a clamp: two
+    # negative extents must not multiply into a positive area).
+    overlaps = (yi2 > yi1) & (xi2 > xi1)
+    inter = jnp.where(overlaps, (xi2 - xi1) * (yi2 - yi1), 0.0)
+    union = (x2 - x1) * (y2 - y1) + (x2g - x1g) * (y2g - y1g) - inter
+    iou = inter / (union + eps)
+
+    xc1 = jnp.minimum(x1, x1g)
+    yc1 = jnp.minimum(y1, y1g)
+    xc2 = jnp.maximum(x2, x2g)
+    yc2 = jnp.maximum(y2, y2g)
+    area_c = (xc2 - xc1) * (yc2 - yc1)
+    return iou - (area_c - union) / (area_c + eps)
 
 
 def clip_boxes(boxes: jnp.ndarray, image_hw) -> jnp.ndarray:
@@ -81,17 +98,3 @@ def clip_boxes(boxes: jnp.ndarray, image_hw) -> jnp.ndarray:
     x2 = jnp.clip(b[..., 2], 0, w)
     y2 = jnp.clip(b[..., 3], 0, h)
     return jnp.stack([x1, y1, x2, y2], axis=-1)
-
-
-def xyxy_to_cxcywh(boxes: jnp.ndarray) -> jnp.ndarray:
-    """``[..., 4]`` xyxy -> ``[..., 4]`` (cx, cy, w, h). Mirrors torchvision's _box_xyxy_to_cxcywh."""
-    b = _f32(boxes)
-    x1, y1, x2, y2 = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
-    return jnp.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], axis=-1)
-
-
-def cxcywh_to_xyxy(boxes: jnp.ndarray) -> jnp.ndarray:
-    """``[..., 4]`` (cx, cy, w, h) -> ``[..., 4]`` xyxy. Mirrors torchvision's _box_cxcywh_to_xyxy."""
-    b = _f32(boxes)
-    cx, cy, w, h = b[..., 0], b[..., 1], b[..., 2], b[..., 3]
-    return jnp.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)

@@ -59,47 +59,118 @@ class DistributedOptions:
     shutdown_timeout: int = 120
 
 
+# Environment variables that ``jax.distributed.initialize()``'s cluster detection reads (jax's
+# documented SLURM / Open MPI / Cloud TPU auto-detection); we read the same ones, through public
+# channels only, to decide *whether* to call it. jax itself fills in the arguments.
+SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+              "SLURM_LOCALID")  # all present: jax's "slurm" detection applies
+OMPI_URI = "OMPI_MCA_orte_hnp_uri"  # present: jax's "ompi" detection applies (Open MPI <= 4)
+TPU_WORKER_LISTS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")  # GKE TPU: one per host
+GCE_METADATA = "http://{host}/computeMetadata/v1/instance/attributes/{key}"  # GCE TPU VMs
+
+
 def detect_launcher(environ: Mapping[str, str] = os.environ) -> Optional[str]:
     """``"slurm"`` / ``"ompi"`` / ``"tpu"`` when a multi-process launcher started this process.
 
     Only launchers that ``jax.distributed.initialize()`` can read by itself count, and only
     with more than one process: a single SLURM task or ``mpirun -n 1`` is a plain process.
     """
-    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
-    if all(k in environ for k in slurm) and _int(environ["SLURM_NTASKS"]) > 1:
-        return "slurm"
-    if "OMPI_MCA_orte_hnp_uri" in environ and _int(environ.get("OMPI_COMM_WORLD_SIZE")) > 1:
-        return "ompi"
-    if _tpu_process_count() > 1:
-        return "tpu"
+    return _detect(environ)[0]
+
+
+def launcher_processes(environ: Mapping[str, str] = os.environ
+                       ) -> tuple[Optional[int], Optional[int]]:
+    """(process_id, num_processes) as the detected launcher reports them (``None``: unknown)."""
+    return _detect(environ)[1:]
+
+
+def _detect(environ: Mapping[str, str]) -> tuple[Optional[str], Optional[int], Optional[int]]:
+    if all(k in environ for k in SLURM_VARS):
+        # SLURM_STEP_NUM_TASKS: the srun step's tasks; SLURM_NTASKS (what jax reads) is the
+        # allocation's outside srun (an sbatch script) and the step's inside.
+        n = _int(environ.get("SLURM_STEP_NUM_TASKS", environ["SLURM_NTASKS"]))
+        if n > 1:
+            return "slurm", _int(environ["SLURM_PROCID"], None), n
+    if OMPI_URI in environ:
+        n = _int(environ.get("OMPI_COMM_WORLD_SIZE"))
+        if n > 1:
+            return "ompi", _int(environ.get("OMPI_COMM_WORLD_RANK"), None), n
+    n = _tpu_process_count(environ)
+    if n > 1:
+        return "tpu", _int(environ.get("TPU_WORKER_ID"), None), n
+    return None, None, None
+
+
+def _int(value: Optional[str], default: Optional[int] = 0) -> Optional[int]:
+    try:
+        return int(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+def _on_cloud_tpu_vm(environ: Mapping[str, str]) -> bool:
+    """libtpu installed and TPU chips attached (or ``JAX_FORCE_TPU_INIT``): what jax requires
+    before its Cloud TPU detection applies. Checked without importing jax or libtpu."""
+    import glob
+    import importlib.util
+
+    if "JAX_FORCE_TPU_INIT" in environ:
+        return True
+    if importlib.util.find_spec("libtpu") is None and not environ.get("TPU_LIBRARY_PATH"):
+        return False
+    # TPU chips appear as /dev/accel* (v2-v4) or VFIO groups (v5e and newer).
+    return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def _gce_metadata(key: str, environ: Mapping[str, str]) -> Optional[str]:
+    """A GCE instance attribute from the (public) metadata server; ``None`` when not there."""
+    import urllib.error
+    import urllib.request
+
+    url = GCE_METADATA.format(host=environ.get("GCE_METADATA_IP", "metadata.google.internal"),
+                              key=key)
+    request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.read().decode()
+    except urllib.error.HTTPError:  # reachable, but no such attribute
+        return None
+
+
+def _tpu_env(key: str, environ: Mapping[str, str]) -> Optional[str]:
+    """A TPU setting from the environment, else from the VM's ``tpu-env`` metadata."""
+    if key in environ:
+        return environ[key]
+    for line in (_gce_metadata("tpu-env", environ) or "").splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == key:
+            return value.strip().strip("'\"")
     return None
 
 
-def _int(value: Optional[str]) -> int:
+def _tpu_process_count(environ: Mapping[str, str]) -> int:
+    """Hosts in this Cloud TPU slice (all slices of a multislice job), 0 when not on a Cloud
+    TPU VM, from the same sources as jax's detection: ``TPU_PROCESS_ADDRESSES`` /
+    ``TPU_WORKER_HOSTNAMES`` (GKE) or the ``worker-network-endpoints`` metadata (GCE TPU VM),
+    times ``MEGASCALE_NUM_SLICES``."""
+    if not _on_cloud_tpu_vm(environ):
+        return 0
+    workers = next((environ[k] for k in TPU_WORKER_LISTS if k in environ), None)
     try:
-        return int(value) if value is not None else 0
-    except ValueError:
-        return 0
-
-
-def _tpu_process_count() -> int:
-    """Hosts in this Cloud TPU slice (0 when not on a Cloud TPU VM), as jax would detect them."""
-    try:
-        import jax  # noqa: F401  (importing jax runs its Cloud TPU detection)
-        from jax._src import cloud_tpu_init, clusters
-    except ImportError:  # pragma: no cover  (jax internals moved)
-        return 0
-    if not cloud_tpu_init.running_in_cloud_tpu_vm:
-        return 0
-    for env in clusters.ClusterEnv._cluster_types:
-        if env.name in ("gcetpu", "gketpu") and env.is_env_present():
-            try:
-                return int(env.get_process_count())
-            except Exception as e:  # noqa: BLE001  (metadata server unreachable, ...)
-                log.warning("Cloud TPU VM: could not count the slice's hosts (%s); "
-                            "calling jax.distributed.initialize() anyway", e)
-                return 2
-    return 0
+        if workers is None:
+            if "TPU_SKIP_MDS_QUERY" in environ:  # jax skips the metadata server too
+                return 0
+            workers = _gce_metadata("worker-network-endpoints", environ)
+            if workers is None:  # not a GCE TPU VM
+                return 0
+        slices = _int(_tpu_env("MEGASCALE_NUM_SLICES", environ), 1) or 1
+    except OSError as e:  # metadata server unreachable, ...
+        if workers is None:
+            log.info("no GCE metadata server (%s): not a Cloud TPU slice", e)
+            return 0
+        log.warning("Cloud TPU VM: could not read MEGASCALE_NUM_SLICES (%s); assuming 1", e)
+        slices = 1
+    return len([w for w in workers.split(",") if w.strip()]) * slices
 
 
 def plan(mode: str, options: DistributedOptions,
@@ -139,6 +210,12 @@ def plan(mode: str, options: DistributedOptions,
     return detect_launcher(environ)
 
 
+# What initialize() started: jax.distributed has no public getter for the process numbers,
+# and jax.process_count() / jax.process_index() create the backend, which waits until every
+# process does the same.
+_started: dict = {}
+
+
 def initialize(mode: str = "auto", options: DistributedOptions = DistributedOptions()) -> bool:
     """Calls ``jax.distributed.initialize`` if :func:`plan` says so; True if it did.
 
@@ -164,7 +241,38 @@ def initialize(mode: str = "auto", options: DistributedOptions = DistributedOpti
         initialization_timeout=options.initialization_timeout,
         heartbeat_timeout_seconds=options.heartbeat_timeout,
         shutdown_timeout_seconds=options.shutdown_timeout)
+    pid, count = options.process_id, options.num_processes
+    if pid is None or count is None:  # jax took them from the launcher: so do we
+        launcher_id, launcher_count = launcher_processes()
+        pid = launcher_id if pid is None else pid
+        count = launcher_count if count is None else count
+    _started.update(process_id=pid, num_processes=count)
     return True
+
+
+def is_initialized() -> bool:
+    """Whether ``jax.distributed.initialize`` ran in this process (here or by the caller)."""
+    import jax
+
+    check = getattr(jax.distributed, "is_initialized", None)  # public; older jax lacks it
+    return bool(_started) or (check is not None and check())
+
+
+def process_info() -> tuple[int, int]:
+    """(process_id, num_processes) of this job; (0, 1) when jax.distributed is not initialized.
+
+    Does not create the backend when :func:`initialize` knows the numbers (explicit settings,
+    SLURM, Open MPI); otherwise asks ``jax.process_index()`` / ``jax.process_count()``, which
+    do (``train.py`` has created it before anything can fail).
+    """
+    if not is_initialized():
+        return 0, 1
+    pid, count = _started.get("process_id"), _started.get("num_processes")
+    if pid is None or count is None:
+        import jax
+
+        pid, count = jax.process_index(), jax.process_count()
+    return pid, count
 
 
 def exit_on_error(exc: BaseException, heartbeat_timeout: int) -> None:
@@ -176,16 +284,12 @@ def exit_on_error(exc: BaseException, heartbeat_timeout: int) -> None:
     process's heartbeats, so the others terminate within ``heartbeat_timeout`` -- at once if
     this is process 0, which hosts the coordination service. Single process: returns.
     """
-    import jax
-    # jax.process_count() would create the backend, which waits for every process to do the
-    # same: read the numbers initialize() recorded instead.
-    from jax._src.distributed import global_state
-
-    if not jax.distributed.is_initialized() or global_state.num_processes <= 1:
+    process_id, num_processes = process_info()
+    if num_processes <= 1:
         return
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     sys.stderr.write(
-        f"{text}\nprocess {global_state.process_id} of {global_state.num_processes} failed: "
+        f"{text}\nprocess {process_id} of {num_processes} failed: "
         f"{type(exc).__name__}: {exc}\nExiting now without jax's shutdown barrier; the other "
         f"processes stop within the heartbeat timeout ({heartbeat_timeout} s).\n")
     sys.stderr.flush()

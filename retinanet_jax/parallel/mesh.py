@@ -121,14 +121,6 @@ def tree_shardings(tree: PyTree, mesh: Mesh) -> PyTree:
     )
 
 
-def put_tree(tree: PyTree, mesh: Mesh) -> PyTree:
-    """Places a (host or device) pytree on ``mesh`` following ``tree_shardings``.
-
-    Every process must pass the same values (e.g. the same initial weights).
-    """
-    return jax.device_put(tree, tree_shardings(tree, mesh))
-
-
 def local_batch_size(global_batch_size: int, mesh: Mesh, name: str = "global batch") -> int:
     """Rows this process loads; checks the global batch splits evenly over ``data`` and over
     the processes. ``name`` (e.g. ``"config.batch_size"``) is what the error calls it."""

@@ -11,16 +11,19 @@ mid-save leaves a tmp directory that :meth:`Checkpointer.latest_step` ignores. K
 
 The state is stored as flax's state dict (nested dicts with string keys), so every leaf has a
 readable path like ``params/head/classification_head/cls_logits/kernel`` that errors can name.
+
+:func:`load_trained` reads a checkpoint for inference (model, variables, class names, config)
+without an optimizer: what ``retinanet-jax`` needs to predict from a ``train.py`` workdir.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import logging
+import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import flax.serialization
 import jax
@@ -28,23 +31,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from retinanet_jax.models.retinanet import RetinaNet
+from retinanet_jax.models.spec import (CheckpointMismatchError, check_compatible, check_variables,
+                                       model_from_spec)
+from retinanet_jax.training.step import merge_params
+
 log = logging.getLogger(__name__)
 
-
-class _NoMissingMetricWarning(logging.Filter):
-    # orbax warns on every save without metrics once best_fn is set; steps without an
-    # evaluation are expected here, so the warning is noise.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "did not provide metrics" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_NoMissingMetricWarning())
+__all__ = ["CheckpointMismatchError", "Checkpointer", "Restored", "TrainedModel", "check_compatible",
+           "config_to_dict", "find_checkpoints", "load_trained"]
 
 _STATE, _CONFIG, _META = "state", "config", "meta"
-
-
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model/state it is restored into."""
 
 
 @dataclasses.dataclass
@@ -66,65 +63,6 @@ def config_to_dict(config: Any) -> dict | None:
     if hasattr(config, "to_json_best_effort"):  # ml_collections.ConfigDict
         return json.loads(config.to_json_best_effort())
     return json.loads(json.dumps(dict(config), default=str))
-
-
-def _encode(value: Any) -> Any:
-    # JSON cannot hold bytes (e.g. a serialized iterator state): tag and base64 them.
-    if isinstance(value, (bytes, bytearray)):
-        return {"__bytes_b64__": base64.b64encode(bytes(value)).decode("ascii")}
-    if isinstance(value, Mapping):
-        return {str(k): _encode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_encode(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
-
-
-def _decode(value: Any) -> Any:
-    if isinstance(value, dict):
-        if set(value) == {"__bytes_b64__"}:
-            return base64.b64decode(value["__bytes_b64__"])
-        return {k: _decode(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_decode(v) for v in value]
-    return value
-
-
-def _flat_paths(tree: Any) -> dict[str, Any]:
-    """Nested dict -> {"a/b/c": leaf}."""
-    flat = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        flat["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
-    return flat
-
-
-def check_compatible(saved: Any, target: Any, where: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointMismatchError` naming the first differing key or shape.
-
-    ``saved`` and ``target`` are nested dicts whose leaves have ``.shape`` (arrays, orbax
-    metadata or ``ShapeDtypeStruct``).
-    """
-    saved_flat, target_flat = _flat_paths(saved), _flat_paths(target)
-    missing = sorted(set(target_flat) - set(saved_flat))
-    unexpected = sorted(set(saved_flat) - set(target_flat))
-    if missing or unexpected:
-        raise CheckpointMismatchError(
-            f"{where} holds a different model: keys missing from the checkpoint: {missing[:5]}"
-            f"{' ...' if len(missing) > 5 else ''}; keys not in this model: {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''} (was it written with another config?)")
-    # Parameters first: they name the architecture difference; optimizer moments only echo it.
-    order = sorted(target_flat, key=lambda k: (not k.startswith(("params", "frozen_params")), k))
-    bad = [(k, tuple(np.shape(saved_flat[k])), tuple(np.shape(target_flat[k]))) for k in order
-           if tuple(np.shape(saved_flat[k])) != tuple(np.shape(target_flat[k]))]
-    if bad:
-        key, s_shape, t_shape = bad[0]
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise CheckpointMismatchError(
-            f"{where}: shape mismatch at {key!r}: checkpoint has {s_shape}, this model expects "
-            f"{t_shape}{more} (another architecture or num_classes?)")
 
 
 def _abstract(tree: Any) -> Any:
@@ -201,7 +139,12 @@ class Checkpointer:
         if step in self._manager.all_steps():
             return False
         meta = {"class_names": list(class_names) if class_names is not None else None,
-                "data_state": _encode(data_state), "extra": _encode(dict(extra or {}))}
+                "data_state": data_state, "extra": dict(extra or {})}
+        try:  # fail here, not in orbax's background writer
+            json.dumps(meta)
+        except TypeError as e:
+            raise TypeError(f"Checkpointer.save: class_names, data_state and extra must be JSON "
+                            f"values ({e})") from e
         # orbax JsonSave needs a dict; an absent config is stored as {}.
         args = ocp.args.Composite(**{
             _STATE: ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
@@ -239,8 +182,8 @@ class Checkpointer:
         meta = restored[_META] or {}
         return Restored(state=state, step=step, config=restored[_CONFIG] or None,
                         class_names=meta.get("class_names"),
-                        data_state=_decode(meta.get("data_state")),
-                        extra=_decode(meta.get("extra") or {}))
+                        data_state=meta.get("data_state"),
+                        extra=meta.get("extra") or {})
 
     def restore(self, target: Any, step: int | None = None) -> Restored:
         """Restore into the structure, shapes and shardings of ``target`` (a template state).
@@ -278,3 +221,101 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# ------------------------------------------------------------------------------ for inference
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """What :func:`load_trained` reads from a ``train.py`` checkpoint."""
+
+    model: RetinaNet
+    variables: dict  # {"params" (trainable and frozen merged), "batch_stats"}
+    step: int
+    config: dict  # the run's config (``{}`` if none was stored)
+    class_names: Optional[list[str]]
+    category_ids: Optional[list[int]]  # label -> dataset category id (None: not stored)
+    preprocess: Optional[dict]  # {"min_size", "max_size"} of config.eval, if set
+    where: str  # "<checkpoints dir>/<step>", for messages
+
+
+def find_checkpoints(path: str, step: Optional[int] = None) -> Optional[tuple[str, Optional[int]]]:
+    """``(orbax checkpoints directory, step or None)`` for a ``train.py`` workdir, its
+    ``checkpoints/`` directory or one step directory in it; None if ``path`` is none of them."""
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return os.path.join(path, "checkpoints"), step
+    name = os.path.basename(os.path.normpath(path))
+    if name.isdigit() and os.path.isdir(os.path.join(path, _STATE)):
+        if step is not None and step != int(name):
+            raise ValueError(f"{path} is the checkpoint of step {name}, but step {step} was asked for")
+        return os.path.dirname(os.path.normpath(path)), int(name)
+    if any(n.isdigit() and os.path.isdir(os.path.join(path, n, _STATE)) for n in os.listdir(path)):
+        return path, step
+    return None
+
+
+def _restore_read_only(directory: str, step: Optional[int]) -> tuple[int, dict, dict, dict]:
+    """(step, {"params", "frozen_params", "batch_stats"} arrays, config, meta), read-only."""
+    options = ocp.CheckpointManagerOptions(
+        read_only=True, create=False, best_mode="max",
+        best_fn=lambda metrics: float(metrics["eval/AP"]))  # as Checkpointer's best_metric
+    manager = ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers={
+        _STATE: ocp.PyTreeCheckpointHandler(), _CONFIG: ocp.JsonCheckpointHandler(),
+        _META: ocp.JsonCheckpointHandler()})
+    steps = list(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"{directory}: no complete checkpoint")
+    if step is None:
+        step = manager.best_step() or manager.latest_step()
+    elif step not in steps:
+        raise FileNotFoundError(f"{directory}: no checkpoint for step {step} (have {sorted(steps)})")
+    tree = manager.item_metadata(step)[_STATE]
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, dict) or "params" not in tree:
+        raise ValueError(f"{directory}/{step}: the state holds no 'params' (not a train.py checkpoint)")
+    # Restore onto one local device whatever the saving mesh was, and skip the optimizer state.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    wanted = {k: tree[k] for k in ("params", "frozen_params", "batch_stats") if k in tree}
+    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), wanted)
+    restored = manager.restore(step, args=ocp.args.Composite(**{
+        _STATE: ocp.args.PyTreeRestore(abstract, partial_restore=True,
+                                       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
+        _CONFIG: ocp.args.JsonRestore(), _META: ocp.args.JsonRestore()}))
+    manager.close()
+    return int(step), dict(restored[_STATE]), restored[_CONFIG] or {}, restored[_META] or {}
+
+
+def _spec_from_config(config: dict, class_names: Optional[list]) -> dict:
+    # Checkpoints store the spec in meta.extra.model; older ones only have the config.
+    m = dict(config.get("model") or {})
+    spec = {k: m[k] for k in ("variant", "backbone", "bn_eps", "frozen_bn", "fpn_channels") if k in m}
+    spec["num_classes"] = m.get("num_classes") or len(class_names or [])
+    return spec
+
+
+def load_trained(path: str, step: Optional[int] = None) -> TrainedModel:
+    """The model of a ``train.py`` checkpoint, for inference (no optimizer state is read).
+
+    ``path``: a workdir, its ``checkpoints/`` directory or one step directory. ``step``: None =
+    the best step by ``eval/AP`` (the latest if none was evaluated). Raises ``ValueError`` if
+    ``path`` is not a training checkpoint, ``FileNotFoundError`` if the step is missing and
+    :class:`CheckpointMismatchError` if the arrays do not fit the stored architecture.
+    """
+    found = find_checkpoints(path, step)
+    if found is None:
+        raise ValueError(f"{path}: not a train.py workdir, checkpoints/ directory or step directory")
+    directory, step = found
+    step, state, config, meta = _restore_read_only(directory, step)
+    names = meta.get("class_names")
+    extra = meta.get("extra") or {}
+    where = f"{directory}/{step}"
+    model = model_from_spec(extra.get("model") or _spec_from_config(config, names), where)
+    variables = {"params": merge_params(state.get("params") or {}, state.get("frozen_params") or {}),
+                 "batch_stats": state.get("batch_stats") or {}}
+    check_variables(model, variables, where)
+    ev = config.get("eval") or {}
+    pre = {k: ev[k] for k in ("min_size", "max_size") if k in ev} or None
+    ids = extra.get("category_ids")
+    return TrainedModel(model, variables, step, config, list(names) if names else None,
+                        [int(i) for i in ids] if ids else None, pre, where)

@@ -25,18 +25,19 @@ from etils import epath
 from retinanet_jax.evaluation import loop as evaluation
 from retinanet_jax.parallel import mesh as parallel
 from retinanet_jax.ops.anchors import model_anchor_config
+from retinanet_jax.training import preflight, resume
 from retinanet_jax.training.checkpoint import Checkpointer, config_to_dict
-from retinanet_jax.data import (CocoJsonSource, CsvSource, ShapesSource, TfdsSource,
-                                TrainBatchIterator, VocXmlSource)
+from retinanet_jax.data import TrainBatchIterator
+from retinanet_jax.data.categories import default_category_ids
+from retinanet_jax.data.registry import make_source
 from retinanet_jax.models.retinanet import RetinaNet
+from retinanet_jax.models.spec import model_from_spec, model_spec
 from retinanet_jax.training.optim import OptimConfig, make_optimizer
 from retinanet_jax.training.progress import MetricWriter, Progress, format_table
 from retinanet_jax.training.step import NonFiniteError, create_train_state, make_train_step
 
 log = logging.getLogger(__name__)
 
-SOURCES = {"shapes": ShapesSource, "coco_json": CocoJsonSource, "voc_xml": VocXmlSource,
-           "csv": CsvSource, "tfds": TfdsSource}
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EVAL_KEYS = evaluation.COCO_METRICS
 
@@ -68,17 +69,11 @@ class NonEmptySubset:
 def build_sources(config: Any) -> tuple[Any, Any]:
     """(train, val) sources from ``config.dataset``; val uses train's class order."""
     name = config.dataset.source
-    if name not in SOURCES:
-        raise ValueError(f"config.dataset.source must be one of {sorted(SOURCES)}, got {name!r}")
-    cls = SOURCES[name]
     train_kw, val_kw = dict(config.dataset.train), dict(config.dataset.val)
-    try:
-        train = cls(**train_kw)
-        if name == "voc_xml" and "class_names" not in val_kw:
-            val_kw["class_names"] = list(train.class_names)  # the val XMLs may lack a class
-        val = cls(**val_kw)
-    except TypeError as e:  # unknown keyword in config.dataset.train / .val
-        raise TypeError(f"config.dataset.train / config.dataset.val do not fit {cls.__name__}: {e}") from e
+    train = make_source(name, train_kw, where="config.dataset.train", what="config.dataset.source")
+    if name == "voc_xml" and "class_names" not in val_kw:
+        val_kw["class_names"] = list(train.class_names)  # the val XMLs may lack a class
+    val = make_source(name, val_kw, where="config.dataset.val", what="config.dataset.source")
     if list(val.class_names) != list(train.class_names):
         raise ValueError(f"config.dataset.val has classes {list(val.class_names)} but "
                          f"config.dataset.train has {list(train.class_names)}; they must be equal "
@@ -95,16 +90,6 @@ def build_sources(config: Any) -> tuple[Any, Any]:
 # ------------------------------------------------------------------------------ model
 
 
-MODEL_FIELDS = ("num_classes", "variant", "backbone", "bn_eps", "frozen_bn", "num_anchors", "fpn_channels",
-                "anchor_sizes", "aspect_ratios")
-
-
-def model_spec(model: RetinaNet) -> dict[str, Any]:
-    """The model's hyperparameters (stored with checkpoints: a torchvision checkpoint may have
-    chosen some of them, e.g. bn_eps, so the config alone does not rebuild the model)."""
-    return {f: getattr(model, f) for f in MODEL_FIELDS}
-
-
 def _with_anchors(model: RetinaNet, sizes: tuple, ratios: tuple) -> RetinaNet:
     n = len(sizes[0]) * len(ratios[0])
     if n != model.num_anchors:
@@ -119,9 +104,10 @@ def build_model(config: Any, num_classes: int, *, pretrained: bool = True,
 
     ``pretrained=False`` (resuming: the checkpoint overwrites every weight) reads no ``.pth``
     file and returns zeros of the right structure, which costs no init compilation. ``spec``
-    (a checkpoint's :func:`model_spec`) supplies what a torchvision checkpoint decided rather
-    than the config (``bn_eps``); everything else comes from the config, so a changed
-    architecture fails the checkpoint's shape check instead of being silently replaced.
+    (a checkpoint's ``models.spec.model_spec``, stored because a torchvision checkpoint may
+    have chosen some fields) supplies what a torchvision checkpoint decided rather than the
+    config (``bn_eps``); everything else comes from the config, so a changed architecture fails
+    the checkpoint's shape check instead of being silently replaced.
     """
     m, init = config.model, config.init
     anchors = model_anchor_config(m)
@@ -152,7 +138,7 @@ def build_model(config: Any, num_classes: int, *, pretrained: bool = True,
                   frozen_bn=m.frozen_bn, fpn_channels=m.fpn_channels, anchor_sizes=anchors[0],
                   aspect_ratios=anchors[1], num_anchors=len(anchors[0][0]) * len(anchors[1][0]))
     fields.update({k: spec[k] for k in ("bn_eps",) if spec and k in spec})
-    model = RetinaNet(**fields)
+    model = model_from_spec(fields, "config.model")
     init_fn = functools.partial(model.init, jax.random.key(config.seed), jnp.zeros((1, 64, 64, 3), jnp.float32))
     if not pretrained:
         shapes = jax.eval_shape(init_fn)
@@ -163,20 +149,12 @@ def build_model(config: Any, num_classes: int, *, pretrained: bool = True,
 # ------------------------------------------------------------------------------ the program
 
 
-def _config_changes(saved: Optional[dict], current: dict) -> list[str]:
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in (d or {}).items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    a, b = flat(saved), flat(current)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
-
-
 def _prefixed_eval(metrics: dict) -> dict[str, float]:
     out = {f"eval/{k}": float(metrics[k]) for k in EVAL_KEYS}
-    out.update({f"eval/AP/{name}": ap for name, ap in metrics["per_class_AP"].items() if np.isfinite(ap)})
+    names = metrics["class_names"]
+    for label, (name, ap) in enumerate(zip(names, metrics["per_class_AP"])):
+        if np.isfinite(ap):  # a repeated name (torchvision's "N/A") gets its label to stay apart
+            out[f"eval/AP/{name}" if names.count(name) == 1 else f"eval/AP/{name} ({label})"] = ap
     return out
 
 
@@ -193,6 +171,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     train_src, val_src = build_sources(config)
+    preflight.check_batch_size(config, len(train_src))  # before the pipeline's own error
     class_names = [str(c) for c in train_src.class_names]
     num_classes = config.model.num_classes or len(class_names)
     if num_classes < len(class_names):
@@ -223,6 +202,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     num_steps = config.num_steps or config.optim.epochs * steps_per_epoch
     eval_every = config.eval.every_steps or steps_per_epoch
     ckpt_every = config.checkpoint.every_steps or steps_per_epoch
+    preflight.check_run(config, dataset_size=len(train_src), steps_per_epoch=steps_per_epoch,
+                        num_steps=num_steps, eval_every=eval_every, ckpt_every=ckpt_every)
+    preflight.log_anchor_coverage(config, train_src, model, enabled=is_main)
     tx, schedule = make_optimizer(OptimConfig.from_mapping(config.optim), steps_per_epoch, config.batch_size)
     state = create_train_state(model, variables, tx, config.model.trainable_backbone_layers,
                                mesh=mesh, schedule=schedule)
@@ -234,7 +216,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         if restored.class_names is not None and list(restored.class_names) != class_names:
             raise ValueError(f"{workdir / 'checkpoints'} was trained on classes {restored.class_names}, "
                              f"the dataset has {class_names}; use a new --workdir")
-        changed = _config_changes(restored.config, config_dict)
+        changed = resume.check_resume(restored.config, config_dict, str(workdir / "checkpoints"))
         if changed:
             log.warning("resuming with a config that differs from the checkpoint's in: %s", changed)
         state = restored.state
@@ -263,7 +245,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
 
     # Stored with each checkpoint so that predictions name the dataset's category ids.
     category_ids = [int(i) for i in getattr(val_src, "label_to_category_id", None)
-                    or evaluation.default_category_ids(num_classes)]
+                    or default_category_ids(num_classes)]
     step = int(state.step)
     writer = MetricWriter(workdir, start_step=step, enabled=is_main)
     progress = Progress(step, num_steps, config.batch_size, enabled=is_main)

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from retinanet_jax.models.retinanet import norm_param_mask
+
 PyTree = Any
 
 
@@ -136,29 +138,6 @@ def make_schedule(
         return (jnp.float32(peak) * w * main).astype(jnp.float32)
 
     return schedule
-
-
-def norm_param_mask(params: PyTree) -> PyTree:
-    """True for parameters of normalisation layers (BatchNorm / GroupNorm / LayerNorm).
-
-    Flax norm layers own a ``scale`` (and usually a ``bias``) and never a ``kernel``, so every
-    leaf of a module dict holding ``scale`` but no ``kernel`` is a norm parameter. This is
-    torchvision's ``set_weight_decay`` split by module type, found by structure.
-    """
-
-    def visit(node: Any) -> Any:
-        if not _is_container(node):
-            return False
-        is_norm = "scale" in node and "kernel" not in node
-        out = {k: visit(v) if _is_container(v) else is_norm for k, v in node.items()}
-        # Keep the container type (dict / FrozenDict) so the mask's treedef matches params'.
-        return out if type(node) is dict else type(node)(out)
-
-    return visit(params)
-
-
-def _is_container(v: Any) -> bool:
-    return hasattr(v, "items") and not hasattr(v, "shape")
 
 
 def _not(mask_fn: Callable[[PyTree], PyTree]) -> Callable[[PyTree], PyTree]:

@@ -32,7 +32,7 @@ from retinanet_jax.parallel import mesh as parallel
 from retinanet_jax.ops.anchors import anchors_for_model
 from retinanet_jax.models.retinanet import frozen_param_mask
 from retinanet_jax.objective.retinanet_loss import retinanet_losses
-from retinanet_jax.imageprep.normalize import IMAGENET_MEAN, IMAGENET_STD
+from retinanet_jax.imageprep.normalize import normalize_images
 
 PyTree = Any
 
@@ -133,21 +133,6 @@ def create_train_state(
 
 
 # ------------------------------------------------------------------------------- the step
-
-
-def normalize_images(images: jax.Array, image_sizes: jax.Array) -> jax.Array:
-    """uint8 [B,H,W,3] -> float32 ImageNet-normalized, zero outside ``image_sizes`` [B,2] (h, w).
-
-    Same arithmetic as torchvision (``x / 255``, then ``(x - mean) / std``), and the padding is
-    zero *after* normalization as ``GeneralizedRCNNTransform.batch_images`` pads.
-    """
-    x = images.astype(jnp.float32) / 255.0
-    x = (x - jnp.asarray(IMAGENET_MEAN, jnp.float32)) / jnp.asarray(IMAGENET_STD, jnp.float32)
-    h, w = images.shape[1], images.shape[2]
-    inside_y = jnp.arange(h)[None, :] < image_sizes[:, 0:1]  # [B, H]
-    inside_x = jnp.arange(w)[None, :] < image_sizes[:, 1:2]  # [B, W]
-    inside = inside_y[:, :, None] & inside_x[:, None, :]
-    return jnp.where(inside[..., None], x, 0.0)
 
 
 def train_step(

@@ -47,14 +47,14 @@ from retinanet_jax.backends.cpu import winograd
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _MODE = contextvars.ContextVar("retinanet_jax_conv_mode", default="auto")
-MODES = ("auto", "gemm", "lax")
+MODES = ("auto", "lax")
 
 
 @contextlib.contextmanager
 def implementation(mode: str) -> Iterator[None]:
     """Trace-time switch: "auto" (default: on CPU, Winograd for wide stride-1 3x3 convs and
-    GEMM paths where they pay off), "gemm" (the GEMM paths but no Winograd) or "lax" (plain
-    ``lax.conv_general_dilated``). Only affects functions *traced* inside."""
+    GEMM paths where they pay off) or "lax" (plain ``lax.conv_general_dilated``). Only
+    affects functions *traced* inside."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     token = _MODE.set(mode)
