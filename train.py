@@ -16,11 +16,12 @@ import logging as py_logging
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from retinanet_jax.parallel import distributed  # no jax device work at import
 from retinanet_jax.backends.cpu import hostmem
+from retinanet_jax.parallel import distributed  # no jax device work at import
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", "configs/shapes.py", "Training configuration file (get_config()).", lock_config=True)
+    "config", "configs/shapes.py", "Training configuration file (get_config()).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and outputs.")
 distributed.define_flags()  # --distributed, --coordinator_address, ... (see README)
 flags.adopt_module_key_flags(distributed)  # list them in train.py --help
@@ -52,9 +53,14 @@ def main(argv: list[str]) -> None:
 
     if jax.process_index() > 0:
         logging.set_verbosity(logging.WARNING)  # process 0 logs progress for everyone
-    logging.info("JAX %s: process %d of %d, %d devices (%d local)", jax.__version__,
-                 jax.process_index(), jax.process_count(), jax.device_count(),
-                 jax.local_device_count())
+    logging.info(
+        "JAX %s: process %d of %d, %d devices (%d local)",
+        jax.__version__,
+        jax.process_index(),
+        jax.process_count(),
+        jax.device_count(),
+        jax.local_device_count(),
+    )
     try:
         train_loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
     except BaseException as e:

@@ -76,10 +76,14 @@ def main() -> None:
             curves[dtype, seed] = run(args.steps, dtype, seed, os.path.join(base, name))
             seconds[name] = time.perf_counter() - t
     n = min(len(c) for c in curves.values())
-    print(f"\n{args.steps} steps of configs/shapes.py, seeds {seeds}; wall s: "
-          + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
-    print("| steps | f32 mean | bf16 mean | f32 per seed | bf16 per seed | abs(bf16 - f32) "
-          "| noise (2 SE) | within | seed 0: abs(bf16 - f32) |")
+    print(
+        f"\n{args.steps} steps of configs/shapes.py, seeds {seeds}; wall s: "
+        + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())
+    )
+    print(
+        "| steps | f32 mean | bf16 mean | f32 per seed | bf16 per seed | abs(bf16 - f32) "
+        "| noise (2 SE) | within | seed 0: abs(bf16 - f32) |"
+    )
     print("|---" * 9 + "|")
     all_within = True
     for lo in range(0, n, args.window):
@@ -88,16 +92,21 @@ def main() -> None:
         m16 = [statistics.fmean(curves["bfloat16", k][lo:hi]) for k in seeds]
         mean32, mean16 = statistics.fmean(m32), statistics.fmean(m16)
         diff = abs(mean16 - mean32)
-        noise = 2 * (statistics.variance(m32) / len(seeds)
-                     + statistics.variance(m16) / len(seeds)) ** 0.5
+        noise = 2 * (statistics.variance(m32) / len(seeds) + statistics.variance(m16) / len(seeds)) ** 0.5
         within = diff <= noise
         all_within &= within
-        print(f"| {lo + 1}-{hi} | {mean32:.4f} | {mean16:.4f} | "
-              + " ".join(f"{m:.4f}" for m in m32) + " | " + " ".join(f"{m:.4f}" for m in m16)
-              + f" | {diff:.4f} | {noise:.4f} | {'yes' if within else 'NO'} | "
-              f"{abs(m16[0] - m32[0]):.4f} |")
-    print(f"bf16 loss curve within noise of float32 in every window: {'yes' if all_within else 'NO'}"
-          f" (runs in {base})")
+        print(
+            f"| {lo + 1}-{hi} | {mean32:.4f} | {mean16:.4f} | "
+            + " ".join(f"{m:.4f}" for m in m32)
+            + " | "
+            + " ".join(f"{m:.4f}" for m in m16)
+            + f" | {diff:.4f} | {noise:.4f} | {'yes' if within else 'NO'} | "
+            f"{abs(m16[0] - m32[0]):.4f} |"
+        )
+    print(
+        f"bf16 loss curve within noise of float32 in every window: {'yes' if all_within else 'NO'}"
+        f" (runs in {base})"
+    )
 
 
 if __name__ == "__main__":

@@ -62,8 +62,10 @@ def jax_fn(mode: str, k: int, s: int, dtype, needs_dx: bool, x, w, g):
 
     def f(x, w, g):
         def fwd(x, w):
-            return conv.conv_general_dilated(x.astype(dtype), w.astype(dtype), (s, s), pad,
-                                             dimension_numbers=NHWC)
+            return conv.conv_general_dilated(
+                x.astype(dtype), w.astype(dtype), (s, s), pad, dimension_numbers=NHWC
+            )
+
         if needs_dx:
             return jax.vjp(fwd, x, w)[1](g.astype(dtype))
         return jax.vjp(lambda w: fwd(x, w), w)[1](g.astype(dtype))
@@ -84,7 +86,10 @@ def main() -> None:
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     rng = np.random.default_rng(0)
     print(f"{args.dtype}, batch {args.batch}, {args.size}x{args.size}; ms per conv (fwd + bwd), medians")
-    print(f"| conv | x n | lax | conv.py | torch | lax / conv.py | conv.py / torch |\n|---|---|---|---|---|---|---|")
+    print(
+        "| conv | x n | lax | conv.py | torch | lax / conv.py | conv.py / torch |\n"
+        "|---|---|---|---|---|---|---|"
+    )
     totals = np.zeros(3)
     for name, h, cin, cout, k, s, n, needs_dx in SHAPES:
         h = h * args.size // 512
@@ -103,9 +108,11 @@ def main() -> None:
                 y = torch.nn.functional.conv2d(tx, tw, stride=s, padding=k // 2)
             y.backward(tg.to(y.dtype))
 
-        calls = {"lax": lambda: jax.block_until_ready(ours["lax"](jx, jw, jg)),
-                 "auto": lambda: jax.block_until_ready(ours["auto"](jx, jw, jg)),
-                 "torch": run_torch}
+        calls = {
+            "lax": lambda: jax.block_until_ready(ours["lax"](jx, jw, jg)),
+            "auto": lambda: jax.block_until_ready(ours["auto"](jx, jw, jg)),
+            "torch": run_torch,
+        }
         for c in calls.values():
             c()
         times = {key: [] for key in calls}
@@ -116,10 +123,15 @@ def main() -> None:
                 times[key].append(time.perf_counter() - t)
         med = [1e3 * statistics.median(times[key]) for key in ("lax", "auto", "torch")]
         totals += n * np.array(med)
-        print(f"| {name} ({h}x{h}) | {n} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} | "
-              f"{med[0] / med[1]:.2f} | {med[1] / med[2]:.2f} |", flush=True)
-    print(f"| weighted total | | {totals[0]:.0f} | {totals[1]:.0f} | {totals[2]:.0f} | "
-          f"{totals[0] / totals[1]:.2f} | {totals[1] / totals[2]:.2f} |")
+        print(
+            f"| {name} ({h}x{h}) | {n} | {med[0]:.1f} | {med[1]:.1f} | {med[2]:.1f} | "
+            f"{med[0] / med[1]:.2f} | {med[1] / med[2]:.2f} |",
+            flush=True,
+        )
+    print(
+        f"| weighted total | | {totals[0]:.0f} | {totals[1]:.0f} | {totals[2]:.0f} | "
+        f"{totals[0] / totals[1]:.2f} | {totals[1] / totals[2]:.2f} |"
+    )
 
 
 if __name__ == "__main__":

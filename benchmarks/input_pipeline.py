@@ -35,8 +35,10 @@ def write_dataset(folder: str, num_images: int) -> str:
         name = f"img{i:03d}.jpg"
         Image.fromarray(ex["image"]).save(os.path.join(folder, name), quality=90)
         names = landscape.class_names
-        rows += [f"{name},{b[0]},{b[1]},{b[2]},{b[3]},{names[l]}"
-                 for b, l in zip(ex["boxes"].tolist(), ex["labels"].tolist())] or [f"{name},,,,,"]
+        rows += [
+            f"{name},{b[0]},{b[1]},{b[2]},{b[3]},{names[lab]}"
+            for b, lab in zip(ex["boxes"].tolist(), ex["labels"].tolist())
+        ] or [f"{name},,,,,"]
     path = os.path.join(folder, "annotations.csv")
     with open(path, "w") as f:
         f.write("\n".join(rows) + "\n")
@@ -46,8 +48,15 @@ def write_dataset(folder: str, num_images: int) -> str:
 def measure(source, workers: int, batch: int, steps: int) -> tuple[float, float]:
     """(images per second, CPU ms per image in this process) over ``steps`` batches after
     two warm-up batches. CPU time excludes other processes on a shared machine."""
-    it = TrainBatchIterator(source, batch_size=batch, min_sizes=(800,), max_size=1333,
-                            max_boxes=100, worker_count=workers, worker_buffer_size=2)
+    it = TrainBatchIterator(
+        source,
+        batch_size=batch,
+        min_sizes=(800,),
+        max_size=1333,
+        max_boxes=100,
+        worker_count=workers,
+        worker_buffer_size=2,
+    )
     try:
         for _ in range(2):
             next(it)
@@ -71,10 +80,11 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         source = CsvSource(write_dataset(folder, args.images))
-        print(f"{len(source)} JPEGs 640x480/480x640 -> canvas 800x1344, batch {args.batch}, "
-              f"{os.cpu_count()} CPUs")
-        print(f"{'workers':>8} {'images/s':>10} {'images/s/worker':>16} "
-              f"{'main CPU ms/image':>18}")
+        print(
+            f"{len(source)} JPEGs 640x480/480x640 -> canvas 800x1344, batch {args.batch}, "
+            f"{os.cpu_count()} CPUs"
+        )
+        print(f"{'workers':>8} {'images/s':>10} {'images/s/worker':>16} {'main CPU ms/image':>18}")
         for workers in args.workers:
             rate, cpu_ms = measure(source, workers, args.batch, args.steps)
             print(f"{workers:>8} {rate:>10.1f} {rate / max(workers, 1):>16.1f} {cpu_ms:>18.1f}")

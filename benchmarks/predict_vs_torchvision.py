@@ -56,10 +56,16 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--sweep", action="store_true", help="XLA flag sweep on 512:1 (subprocesses)")
     p.add_argument("--json", action="store_true", help="print one JSON line (used by --sweep)")
-    p.add_argument("--dtype-ablation", action="store_true",
-                   help="bf16 with some parts in f32 (ResNet body / FPN / heads): time and bf16=f32 match")
-    p.add_argument("--conv-micro", action="store_true",
-                   help="3x3 conv 256->256 at 100x152: f32 vs bf16, as conv / im2col dot / 9 dots")
+    p.add_argument(
+        "--dtype-ablation",
+        action="store_true",
+        help="bf16 with some parts in f32 (ResNet body / FPN / heads): time and bf16=f32 match",
+    )
+    p.add_argument(
+        "--conv-micro",
+        action="store_true",
+        help="3x3 conv 256->256 at 100x152: f32 vs bf16, as conv / im2col dot / 9 dots",
+    )
     return p.parse_args(argv)
 
 
@@ -89,7 +95,7 @@ class MatmulPeak:
         for _ in range(reps):
             t = time.perf_counter()
             self.f(self.a, self.a).block_until_ready()
-            self.samples.append(2 * self.n ** 3 / (time.perf_counter() - t) / 1e9)
+            self.samples.append(2 * self.n**3 / (time.perf_counter() - t) / 1e9)
         return self.samples[-1]
 
     def median(self, last=None):
@@ -118,11 +124,17 @@ def match_fraction(ref_dets, got_dets, iou_min=0.9, score_tol=0.02, cap=None):
         lt = np.maximum(a[:, None, :2], b[None, :, :2])
         rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
         inter = np.prod(np.clip(rb - lt, 0, None), -1)
-        area = lambda x: np.prod(x[:, 2:] - x[:, :2], -1)
+
+        def area(x):
+            return np.prod(x[:, 2:] - x[:, :2], -1)
+
         iou = inter / np.maximum(area(a)[:, None] + area(b)[None] - inter, 1e-9)
         close = np.abs(a[:, None] - b[None]).max(-1) <= 0.5
-        ok = (((iou >= iou_min) | close) & (r["labels"][:, None] == g["labels"][None])
-              & (np.abs(r["scores"][:, None] - g["scores"][None]) <= score_tol))
+        ok = (
+            ((iou >= iou_min) | close)
+            & (r["labels"][:, None] == g["labels"][None])
+            & (np.abs(r["scores"][:, None] - g["scores"][None]) <= score_tol)
+        )
         used = np.zeros(len(b), bool)
         for i in range(len(a)):
             c = np.flatnonzero(ok[i] & ~used)
@@ -145,14 +157,18 @@ def run(args):
     import numpy as np
     import torch
 
-    from retinanet_jax.ops import anchors as anchors_lib
     from retinanet_jax.backends.cpu import conv
     from retinanet_jax.inference.postprocess import postprocess
     from retinanet_jax.inference.predict import Predictor
+    from retinanet_jax.ops import anchors as anchors_lib
     from tests.tv_utils import make_jax_from_tv
 
     torch.set_num_threads(args.threads)
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+    log = (
+        (lambda *a: print(*a, file=sys.stderr, flush=True))
+        if args.json
+        else (lambda *a: print(*a, flush=True))
+    )
     repeats = args.repeats or (2 if args.quick else 5)
     if args.cases:
         cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases.split(",")]
@@ -160,22 +176,26 @@ def run(args):
         cases = [("512", 1), ("800x1216", 1)]
     else:
         cases = [("512", 1), ("512", 8), ("800x1216", 1)] + ([("800x1216", 8)] if args.full else [])
-    bf16_cases = [] if args.no_bf16 else ([c for c in cases if c == ("512", 1)] if args.quick else
-                                          [c for c in cases if c[1] == 1])
+    bf16_cases = (
+        []
+        if args.no_bf16
+        else ([c for c in cases if c == ("512", 1)] if args.quick else [c for c in cases if c[1] == 1])
+    )
 
     tv, model, variables = make_jax_from_tv(args.variant)
     peak = MatmulPeak(jax, jnp)
-    log(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  "
+    log(
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}  "
         f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r}  torch threads={torch.get_num_threads()}  "
-        f"f32 matmul (jitted jnp.dot 2048^3): {peak.sample(3):.1f} GFLOP/s")
+        f"f32 matmul (jitted jnp.dot 2048^3): {peak.sample(3):.1f} GFLOP/s"
+    )
 
     def tv_predict(images):
         with torch.no_grad():
             x = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for im in images]
             dets = tv(x)
         # Under autocast, boxes / scores come out in bf16: compare them as float32.
-        return [{k: (v.float() if v.is_floating_point() else v).numpy() for k, v in d.items()}
-                for d in dets]
+        return [{k: (v.float() if v.is_floating_point() else v).numpy() for k, v in d.items()} for d in dets]
 
     def tv_predict_bf16(images):
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
@@ -201,8 +221,14 @@ def run(args):
         images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(batch_size)]
         tv.transform.min_size, tv.transform.max_size = (min_size,), max_size
         for dtype in ["f32"] + (["bf16"] if (name, batch_size) in bf16_cases else []):
-            pred = Predictor(model, variables, min_size=min_size, max_size=max_size,
-                             batch_size=batch_size, dtype=jnp.bfloat16 if dtype == "bf16" else None)
+            pred = Predictor(
+                model,
+                variables,
+                min_size=min_size,
+                max_size=max_size,
+                batch_size=batch_size,
+                dtype=jnp.bfloat16 if dtype == "bf16" else None,
+            )
             tv_fn = tv_predict_bf16 if dtype == "bf16" else tv_predict
             t = time.perf_counter()
             dets, _ = staged(pred, images)  # compiles
@@ -229,13 +255,18 @@ def run(args):
             # fewer on CPU, so the peak share is an effective rate and can pass 100%.
             # (A function of its own: jit caches traces regardless of the conv mode.)
             with conv.implementation("lax"):
-                flops = jax.jit(lambda v, b: pred.model.apply(v, b)).lower(
-                    pred.variables, batch).compile().cost_analysis()
+                flops = (
+                    jax.jit(lambda v, b: pred.model.apply(v, b))
+                    .lower(pred.variables, batch)
+                    .compile()
+                    .cost_analysis()
+                )
             flops = (flops[0] if isinstance(flops, (list, tuple)) else flops)["flops"]
             raw = fwd(pred.variables, batch)
             canvas = batch.shape[1:3]
-            pp = jax.jit(lambda c, r, a, s: postprocess(
-                c, r, a, anchors_lib.num_anchors_per_level(canvas), s))
+            pp = jax.jit(
+                lambda c, r, a, s: postprocess(c, r, a, anchors_lib.num_anchors_per_level(canvas), s)
+            )
             a = jnp.asarray(anchors_lib.anchors_for_image(canvas))
             jax.block_until_ready(pp(raw["cls_logits"], raw["bbox_regression"], a, sizes))
             pts = []
@@ -245,12 +276,22 @@ def run(args):
                 pts.append(time.perf_counter() - t)
             t_pp = median(pts)
             t_fwd = max(det - t_pp, 1e-9)
-            row = dict(case=f"{name} x{batch_size}", dtype=dtype, jax_s=t_ours, tv_s=t_tv,
-                       ratio=t_ours / t_tv, gflop=flops / 1e9, fwd_gflops=flops / 1e9 / t_fwd,
-                       peak=case_peak, peak_share=flops / 1e9 / t_fwd / case_peak, pre_share=pre / t_ours,
-                       post_share=(t_pp + post_host) / t_ours, compile_s=first - t_ours,
-                       n_dets=sum(len(d["scores"]) for d in dets),
-                       tv_match=match_fraction(ref, dets))
+            row = dict(
+                case=f"{name} x{batch_size}",
+                dtype=dtype,
+                jax_s=t_ours,
+                tv_s=t_tv,
+                ratio=t_ours / t_tv,
+                gflop=flops / 1e9,
+                fwd_gflops=flops / 1e9 / t_fwd,
+                peak=case_peak,
+                peak_share=flops / 1e9 / t_fwd / case_peak,
+                pre_share=pre / t_ours,
+                post_share=(t_pp + post_host) / t_ours,
+                compile_s=first - t_ours,
+                n_dets=sum(len(d["scores"]) for d in dets),
+                tv_match=match_fraction(ref, dets),
+            )
             if dtype == "bf16":
                 f32_dets = next(r for r in results if r["case"] == row["case"])["_dets"]
                 row["match_f32"] = match_fraction(f32_dets, dets)
@@ -260,17 +301,21 @@ def run(args):
                 tv_f32 = next(r for r in results if r["case"] == row["case"])["_ref"]
                 row["tv_match_f32"] = match_fraction(tv_f32, ref)
                 rng_more = np.random.default_rng(0)
-                more = [rng_more.integers(0, 256, (h, w, 3), dtype=np.uint8)
-                        for _ in range(MATCH_IMAGES[name])]
-                f32_pred = Predictor(model, variables, min_size=min_size, max_size=max_size,
-                                     batch_size=batch_size)
+                more = [
+                    rng_more.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(MATCH_IMAGES[name])
+                ]
+                f32_pred = Predictor(
+                    model, variables, min_size=min_size, max_size=max_size, batch_size=batch_size
+                )
                 row["match_f32_images"] = len(more)
                 row["match_f32_more"] = match_fraction(f32_pred(more), pred(more))
             row["_ref"] = ref
             row["_dets"] = dets
             results.append(row)
-            log(f"  {row['case']:<13} {dtype:<4} ours {t_ours:7.3f}s  torchvision {t_tv:7.3f}s  "
-                f"ratio {row['ratio']:.2f}  compile {row['compile_s']:.1f}s")
+            log(
+                f"  {row['case']:<13} {dtype:<4} ours {t_ours:7.3f}s  torchvision {t_tv:7.3f}s  "
+                f"ratio {row['ratio']:.2f}  compile {row['compile_s']:.1f}s"
+            )
     return peak.median(), results
 
 
@@ -292,8 +337,9 @@ def mixed_precision_model(model, f32_parts):
     class Backbone(nn.Module):
         @nn.compact
         def __call__(self, images, train=False):
-            _, c3, c4, c5 = ResNet(model.backbone, model.bn_eps, model.frozen_bn, dt("body"),
-                                   name="body")(images, train)
+            _, c3, c4, c5 = ResNet(model.backbone, model.bn_eps, model.frozen_bn, dt("body"), name="body")(
+                images, train
+            )
             p6_from_c5 = model.variant == "v2" and stage_channels(model.backbone)[-1] != model.fpn_channels
             fpn = FeaturePyramidNetwork(model.fpn_channels, p6_from_c5, dt("fpn"), name="fpn")
             return fpn([c3.astype(dt("fpn")), c4.astype(dt("fpn")), c5.astype(dt("fpn"))])
@@ -302,13 +348,32 @@ def mixed_precision_model(model, f32_parts):
         @nn.compact
         def __call__(self, images, train=False):
             features = Backbone(name="backbone")(images.astype(dt("body")), train)
-            head = RetinaNetHead(model.num_classes, model.num_anchors, group_norm=model.variant == "v2",
-                                 dtype=dt("head"), name="head")
+            head = RetinaNetHead(
+                model.num_classes,
+                model.num_anchors,
+                group_norm=model.variant == "v2",
+                dtype=dt("head"),
+                name="head",
+            )
             return head([f.astype(dt("head")) for f in features])
 
-    return Mixed(**{f: getattr(model, f) for f in ("num_classes", "variant", "backbone", "bn_eps",
-                                                   "frozen_bn", "num_anchors", "fpn_channels", "dtype",
-                                                   "anchor_sizes", "aspect_ratios")})
+    return Mixed(
+        **{
+            f: getattr(model, f)
+            for f in (
+                "num_classes",
+                "variant",
+                "backbone",
+                "bn_eps",
+                "frozen_bn",
+                "num_anchors",
+                "fpn_channels",
+                "dtype",
+                "anchor_sizes",
+                "aspect_ratios",
+            )
+        }
+    )
 
 
 def dtype_ablation(args):
@@ -322,9 +387,14 @@ def dtype_ablation(args):
     from tests.tv_utils import make_jax_from_tv
 
     _, model, variables = make_jax_from_tv(args.variant)
-    variants = [("all bf16", ()), ("ResNet body f32", ("body",)), ("FPN f32", ("fpn",)),
-                ("heads f32", ("head",)), ("body + FPN f32 (heads bf16)", ("body", "fpn")),
-                ("all f32", ("body", "fpn", "head"))]
+    variants = [
+        ("all bf16", ()),
+        ("ResNet body f32", ("body",)),
+        ("FPN f32", ("fpn",)),
+        ("heads f32", ("head",)),
+        ("body + FPN f32 (heads bf16)", ("body", "fpn")),
+        ("all f32", ("body", "fpn", "head")),
+    ]
     repeats = args.repeats or 3
     print("| case | bf16 except | ours s | vs all bf16 | bf16=f32 % | clear of cut % |")
     print("|---|---|---|---|---|---|")
@@ -344,41 +414,64 @@ def dtype_ablation(args):
                 times.append(time.perf_counter() - t)
         base = median(preds["all bf16"][2])
         for label, (pred, dets, times) in preds.items():
-            print(f"| {name} x1 | {label} | {median(times):.3f} | {median(times) / base:.2f} | "
-                  f"{100 * match_fraction(f32_dets, dets):.1f} | "
-                  f"{100 * match_fraction(f32_dets, dets, cap=pred.options.detections_per_img):.1f} |",
-                  flush=True)
+            print(
+                f"| {name} x1 | {label} | {median(times):.3f} | {median(times) / base:.2f} | "
+                f"{100 * match_fraction(f32_dets, dets):.1f} | "
+                f"{100 * match_fraction(f32_dets, dets, cap=pred.options.detections_per_img):.1f} |",
+                flush=True,
+            )
 
 
 def print_table(peak, results):
-    print("\nratio = ours / torchvision end to end (medians of interleaved runs); peak = f32 jnp.dot "
-          "2048^3 GFLOP/s sampled between those runs; % peak = forward GFLOP/s / peak")
-    print("| case | dtype | ours s | tv s | ratio | fwd GFLOP | fwd GFLOP/s | peak | % peak | pre % "
-          "| post % | compile s | dets | =tv % | bf16=f32 % | bf16=f32 % more images | clear of cut % "
-          "| tv bf16=f32 % |")
+    print(
+        "\nratio = ours / torchvision end to end (medians of interleaved runs); peak = f32 jnp.dot "
+        "2048^3 GFLOP/s sampled between those runs; % peak = forward GFLOP/s / peak"
+    )
+    print(
+        "| case | dtype | ours s | tv s | ratio | fwd GFLOP | fwd GFLOP/s | peak | % peak | pre % "
+        "| post % | compile s | dets | =tv % | bf16=f32 % | bf16=f32 % more images | clear of cut % "
+        "| tv bf16=f32 % |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        bf = (f"{100 * r['match_f32']:.1f} | {100 * r['match_f32_more']:.1f} | "
-              f"{100 * r['match_f32_clear']:.1f} | {100 * r['tv_match_f32']:.1f}"
-              if "match_f32" in r else "- | - | - | -")
-        print(f"| {r['case']} | {r['dtype']} | {r['jax_s']:.3f} | {r['tv_s']:.3f} | {r['ratio']:.2f} | "
-              f"{r['gflop']:.0f} | {r['fwd_gflops']:.1f} | {r['peak']:.0f} | {100 * r['peak_share']:.0f} | "
-              f"{100 * r['pre_share']:.1f} | {100 * r['post_share']:.1f} | {r['compile_s']:.1f} | "
-              f"{r['n_dets']} | {100 * r['tv_match']:.1f} | {bf} |")
-    print("=tv %: our detections matching torchvision's (its own dtype); bf16=f32 %: our bf16 "
-          "detections matching our f32 ones (same label, IoU >= 0.9, |dscore| <= 0.02), on the "
-          "timed image and pooled over MATCH_IMAGES images (8 at 512, 4 at 800x1216, the first "
-          "being the timed one); clear of "
-          "cut %: the same, leaving out f32 detections scoring within 0.02 of the lowest kept one "
-          "in images that fill all detections_per_img slots (those can swap with bf16 rounding); "
-          "tv bf16=f32 %: torchvision's autocast detections matching its float32 ones, same rule.")
+        bf = (
+            f"{100 * r['match_f32']:.1f} | {100 * r['match_f32_more']:.1f} | "
+            f"{100 * r['match_f32_clear']:.1f} | {100 * r['tv_match_f32']:.1f}"
+            if "match_f32" in r
+            else "- | - | - | -"
+        )
+        print(
+            f"| {r['case']} | {r['dtype']} | {r['jax_s']:.3f} | {r['tv_s']:.3f} | {r['ratio']:.2f} | "
+            f"{r['gflop']:.0f} | {r['fwd_gflops']:.1f} | {r['peak']:.0f} | {100 * r['peak_share']:.0f} | "
+            f"{100 * r['pre_share']:.1f} | {100 * r['post_share']:.1f} | {r['compile_s']:.1f} | "
+            f"{r['n_dets']} | {100 * r['tv_match']:.1f} | {bf} |"
+        )
+    print(
+        "=tv %: our detections matching torchvision's (its own dtype); bf16=f32 %: our bf16 "
+        "detections matching our f32 ones (same label, IoU >= 0.9, |dscore| <= 0.02), on the "
+        "timed image and pooled over MATCH_IMAGES images (8 at 512, 4 at 800x1216, the first "
+        "being the timed one); clear of "
+        "cut %: the same, leaving out f32 detections scoring within 0.02 of the lowest kept one "
+        "in images that fill all detections_per_img slots (those can swap with bf16 rounding); "
+        "tv bf16=f32 %: torchvision's autocast detections matching its float32 ones, same rule."
+    )
 
 
 def sweep(args):
     rows = []
     for flags in SWEEP_FLAGS:
-        cmd = [sys.executable, os.path.abspath(__file__), "--json", "--cases", "512:1",
-               "--repeats", str(args.repeats or 3), "--variant", args.variant, f"--xla-flags={flags}"]
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--json",
+            "--cases",
+            "512:1",
+            "--repeats",
+            str(args.repeats or 3),
+            "--variant",
+            args.variant,
+            f"--xla-flags={flags}",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
         line = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
         if proc.returncode or not line:
@@ -388,17 +481,21 @@ def sweep(args):
             rows.append((flags or "(default)", json.loads(line[-1]), ""))
         print(f"done: {flags or '(default)'}", file=sys.stderr, flush=True)
     print("\nXLA CPU flag sweep, 512x512 batch 1, ratio = ours / torchvision (same process, interleaved)")
-    print("| XLA_FLAGS | peak GFLOP/s | f32 ours s | f32 ratio | % peak | bf16 ours s | bf16 ratio "
-          "| bf16=f32 % | note |")
+    print(
+        "| XLA_FLAGS | peak GFLOP/s | f32 ours s | f32 ratio | % peak | bf16 ours s | bf16 ratio "
+        "| bf16=f32 % | note |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for flags, res, err in rows:
         if res is None:
             print(f"| {flags} | - | - | - | - | - | - | - | failed: {err} |")
             continue
         f, b = res["rows"][0], (res["rows"][1] if len(res["rows"]) > 1 else None)
-        bcols = (f"{b['jax_s']:.3f} | {b['ratio']:.2f} | {100 * b['match_f32']:.1f}" if b else "- | - | -")
-        print(f"| {flags} | {f['peak']:.0f} | {f['jax_s']:.3f} | {f['ratio']:.2f} | "
-              f"{100 * f['peak_share']:.0f} | {bcols} | |")
+        bcols = f"{b['jax_s']:.3f} | {b['ratio']:.2f} | {100 * b['match_f32']:.1f}" if b else "- | - | -"
+        print(
+            f"| {flags} | {f['peak']:.0f} | {f['jax_s']:.3f} | {f['ratio']:.2f} | "
+            f"{100 * f['peak_share']:.0f} | {bcols} | |"
+        )
 
 
 def conv_micro(args):
@@ -418,15 +515,17 @@ def conv_micro(args):
 
     def patches(x):
         xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-        return [xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)]
+        return [xp[:, i : i + h, j : j + w, :] for i in range(3) for j in range(3)]
 
     def im2col(x, k):
         cols = jnp.concatenate(patches(x), -1).reshape(-1, 9 * c)
         return jnp.dot(cols, k.reshape(9 * c, c), preferred_element_type=jnp.float32).astype(x.dtype)
 
     def shifted(x, k):
-        acc = sum(jnp.dot(p.reshape(-1, c), k.reshape(9, c, c)[n], preferred_element_type=jnp.float32)
-                  for n, p in enumerate(patches(x)))
+        acc = sum(
+            jnp.dot(p.reshape(-1, c), k.reshape(9, c, c)[n], preferred_element_type=jnp.float32)
+            for n, p in enumerate(patches(x))
+        )
         return acc.astype(x.dtype)
 
     rng = np.random.default_rng(0)
@@ -434,10 +533,15 @@ def conv_micro(args):
     k = jnp.asarray(rng.standard_normal((3, 3, c, c)) * 0.05, jnp.float32)
     txt = jax.jit(conv).lower(x.astype(jnp.bfloat16), k.astype(jnp.bfloat16)).compile().as_text()
     upcast = any("f32[" in ln and "convolution(" in ln for ln in txt.splitlines())
-    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}: compiled bf16 conv runs in "
-          f"{'f32 (inputs converted up)' if upcast else 'bf16'}")
-    fns = {(n, d): (jax.jit(f), x.astype(d), k.astype(d)) for n, f in
-           [("conv", conv), ("im2col", im2col), ("9 dots", shifted)] for d in (jnp.float32, jnp.bfloat16)}
+    print(
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}: compiled bf16 conv runs in "
+        f"{'f32 (inputs converted up)' if upcast else 'bf16'}"
+    )
+    fns = {
+        (n, d): (jax.jit(f), x.astype(d), k.astype(d))
+        for n, f in [("conv", conv), ("im2col", im2col), ("9 dots", shifted)]
+        for d in (jnp.float32, jnp.bfloat16)
+    }
     times = {key: [] for key in fns}
     for f, a, b in fns.values():
         f(a, b).block_until_ready()

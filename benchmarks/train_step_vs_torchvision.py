@@ -33,12 +33,11 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from retinanet_jax.backends.cpu import conv
-from retinanet_jax.backends.cpu import hostmem
-from retinanet_jax.training import optim
-from retinanet_jax.parallel import mesh as parallel
-from retinanet_jax.training import step as training
+from retinanet_jax.backends.cpu import conv, hostmem
 from retinanet_jax.interop.torchvision import from_torchvision
+from retinanet_jax.parallel import mesh as parallel
+from retinanet_jax.training import optim
+from retinanet_jax.training import step as training
 
 TRAINABLE_LAYERS = 3
 
@@ -88,21 +87,35 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-bf16", action="store_true")
-    parser.add_argument("--settle", type=int, default=1,
-                        help="untimed steps before each timed one: a step right after the other "
-                             "framework's runs up to 30%% slower (measured; both frameworks share "
-                             "this process's memory), which a training loop never sees")
-    parser.add_argument("--also-modes", default="",
-                        help="comma-separated retinanet_jax.backends.cpu.conv modes to time as well: lax "
-                             "(plain XLA convolutions)")
-    parser.add_argument("--no-torch", action="store_true",
-                        help="ours only (quick A/B of our variants; ratios vs the first one)")
+    parser.add_argument(
+        "--settle",
+        type=int,
+        default=1,
+        help="untimed steps before each timed one: a step right after the other "
+        "framework's runs up to 30%% slower (measured; both frameworks share "
+        "this process's memory), which a training loop never sees",
+    )
+    parser.add_argument(
+        "--also-modes",
+        default="",
+        help="comma-separated retinanet_jax.backends.cpu.conv modes to time as well: lax "
+        "(plain XLA convolutions)",
+    )
+    parser.add_argument(
+        "--no-torch",
+        action="store_true",
+        help="ours only (quick A/B of our variants; ratios vs the first one)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
-          f"torchvision {torchvision.__version__}, torch threads {torch.get_num_threads()}")
-    print(f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-          f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (see retinanet_jax/hostmem.py)")
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
+        f"torchvision {torchvision.__version__}, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (see retinanet_jax/hostmem.py)"
+    )
 
     data = make_data(args.batch, args.size)
     tv = torchvision_model(args.size).train()
@@ -110,10 +123,16 @@ def main() -> None:
 
     # ---- torchvision: images as float tensors in [0, 1] (what its data loader yields).
     tv_images = [torch.from_numpy(im).permute(2, 0, 1).float().div(255) for im in data["images"]]
-    tv_targets = [{"boxes": torch.from_numpy(b), "labels": torch.from_numpy(l).long()}
-                  for b, l in zip(data["boxes"], data["labels"])]
-    tv_opt = torch.optim.SGD([p for p in tv.parameters() if p.requires_grad],
-                             lr=0.01 * args.batch / 16, momentum=0.9, weight_decay=1e-4)
+    tv_targets = [
+        {"boxes": torch.from_numpy(b), "labels": torch.from_numpy(lab).long()}
+        for b, lab in zip(data["boxes"], data["labels"])
+    ]
+    tv_opt = torch.optim.SGD(
+        [p for p in tv.parameters() if p.requires_grad],
+        lr=0.01 * args.batch / 16,
+        momentum=0.9,
+        weight_decay=1e-4,
+    )
 
     def tv_step(bf16: bool) -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
@@ -126,16 +145,18 @@ def main() -> None:
 
     # ---- ours: one device, same weights, same recipe.
     mesh = parallel.make_mesh(devices=jax.devices()[:1])
-    tx, schedule = optim.make_optimizer(optim.TORCHVISION_V1, steps_per_epoch=10_000,
-                                        global_batch_size=args.batch)
+    tx, schedule = optim.make_optimizer(
+        optim.TORCHVISION_V1, steps_per_epoch=10_000, global_batch_size=args.batch
+    )
     batch = parallel.shard_batch(data, mesh)
     ours = {}
     dtypes = [("f32", None)] + ([] if args.no_bf16 else [("bf16", jnp.bfloat16)])
     extra_modes = [m for m in args.also_modes.split(",") if m]
     for name, dtype in dtypes + [(f"{n}+{m}", d) for n, d in dtypes for m in extra_modes]:
         step = training.make_train_step(model, mesh, compute_dtype=dtype)
-        state = training.create_train_state(model, variables, tx, TRAINABLE_LAYERS,
-                                            mesh=mesh, schedule=schedule)
+        state = training.create_train_state(
+            model, variables, tx, TRAINABLE_LAYERS, mesh=mesh, schedule=schedule
+        )
         # FLOPs of the plain (direct convolution) step, the work torchvision does: with
         # Winograd our step does fewer, so "% f32 peak" can pass 100% (effective rate).
         # A step function of its own: jit caches traces regardless of the conv mode.
@@ -154,8 +175,10 @@ def main() -> None:
     variants = [("torchvision f32", lambda: tv_step(False)), ("ours f32", lambda: our_step("f32"))]
     variants += [(f"ours f32+{m}", lambda m=m: our_step(f"f32+{m}")) for m in extra_modes]
     if not args.no_bf16:
-        variants += [("torchvision bf16 autocast", lambda: tv_step(True)),
-                     ("ours bf16", lambda: our_step("bf16"))]
+        variants += [
+            ("torchvision bf16 autocast", lambda: tv_step(True)),
+            ("ours bf16", lambda: our_step("bf16")),
+        ]
         variants += [(f"ours bf16+{m}", lambda m=m: our_step(f"bf16+{m}")) for m in extra_modes]
     if args.no_torch:
         variants = [v for v in variants if not v[0].startswith("torchvision")]
@@ -170,8 +193,10 @@ def main() -> None:
         first_s = time.perf_counter() - t
         # compile time ~ first call - second call (the rest of the first call is a step)
         first[label] = (first_s - timed(fn), loss)
-    print("first-step loss, same batch (ours from the same start): "
-          + ", ".join(f"{k} {v[1]:.4f}" for k, v in first.items()))
+    print(
+        "first-step loss, same batch (ours from the same start): "
+        + ", ".join(f"{k} {v[1]:.4f}" for k, v in first.items())
+    )
 
     times = {label: [] for label, _ in variants}
     faults = {label: [] for label, _ in variants}
@@ -187,8 +212,10 @@ def main() -> None:
     peak32 = matmul_peak(jnp.float32)
     peak16 = matmul_peak(jnp.bfloat16)
     print(f"\nmatmul 2048^2 peak: f32 {peak32 / 1e9:.1f} GFLOP/s, bf16 {peak16 / 1e9:.1f} GFLOP/s")
-    print(f"\n{'variant':28s} {'step s':>8s} {'img/s':>7s} {'GFLOP/s':>8s} {'%f32 peak':>9s} "
-          f"{'compile s':>9s} {'faults/step':>11s}")
+    print(
+        f"\n{'variant':28s} {'step s':>8s} {'img/s':>7s} {'GFLOP/s':>8s} {'%f32 peak':>9s} "
+        f"{'compile s':>9s} {'faults/step':>11s}"
+    )
     for label, _ in variants:
         ips = args.batch / med[label]
         row = f"{label:28s} {med[label]:8.3f} {ips:7.3f}"
@@ -206,8 +233,10 @@ def main() -> None:
             ref = "torchvision bf16 autocast" if "bf16" in label else "torchvision f32"
             ref = ref if ref in med else next(iter(med))  # --no-torch: vs the first variant
             print(f"{label} / {ref}: {med[ref] / med[label]:.3f}x (images/s ratio)")
-    print(f"model FLOPs per step (XLA cost analysis, f32): {ours['f32']['flops'] / 1e9:.1f} G; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"model FLOPs per step (XLA cost analysis, f32): {ours['f32']['flops'] / 1e9:.1f} G; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
 
 
 if __name__ == "__main__":

@@ -108,7 +108,9 @@ def get_config() -> config_dict.ConfigDict:
     # ---------------------------------------------------------------- bookkeeping
     c.log_every_steps = 50  # our choice ([train] --print-freq 20)
     c.checkpoint = config_dict.ConfigDict()
-    c.checkpoint.every_steps = config_dict.placeholder(int)  # None = once per epoch ([train] saves every epoch)
+    c.checkpoint.every_steps = config_dict.placeholder(
+        int
+    )  # None = once per epoch ([train] saves every epoch)
     c.checkpoint.keep = 3  # our choice: last 3, plus the best by eval/AP
     c.checkpoint.async_save = True  # our choice: write in the background
     c.mesh = config_dict.ConfigDict()

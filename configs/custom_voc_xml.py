@@ -17,9 +17,15 @@ def get_config():
     c = runpy.run_path(os.path.join(os.path.dirname(__file__), "custom_coco_json.py"))["get_config"]()
     c.dataset.source = "voc_xml"
     root = "VOCdevkit/VOC2007"
-    c.dataset.train = {"annotation_dir": f"{root}/Annotations", "image_dir": f"{root}/JPEGImages",
-                       "image_set": f"{root}/ImageSets/Main/train.txt"}
-    c.dataset.val = {"annotation_dir": f"{root}/Annotations", "image_dir": f"{root}/JPEGImages",
-                     "image_set": f"{root}/ImageSets/Main/val.txt"}
+    c.dataset.train = {
+        "annotation_dir": f"{root}/Annotations",
+        "image_dir": f"{root}/JPEGImages",
+        "image_set": f"{root}/ImageSets/Main/train.txt",
+    }
+    c.dataset.val = {
+        "annotation_dir": f"{root}/Annotations",
+        "image_dir": f"{root}/JPEGImages",
+        "image_set": f"{root}/ImageSets/Main/val.txt",
+    }
     # VOC images are ~500 px; torchvision's VOC usage keeps the model's 800 px resize.
     return c

@@ -30,9 +30,12 @@ EPOCHS = 1  # every training image is new (generated from its index); trial E ov
 def get_config():
     c = runpy.run_path(os.path.join(os.path.dirname(__file__), "base.py"))["get_config"]()
     c.dataset.source = "shapes"
-    shapes = {"image_size": IMAGE, "object_size": OBJECT_SIZE,
-              "max_objects": 6,  # ShapesSource default: 1..6 objects, some partly occluded
-              "empty_fraction": 0.05}  # ShapesSource default: a few empty images
+    shapes = {
+        "image_size": IMAGE,
+        "object_size": OBJECT_SIZE,
+        "max_objects": 6,  # ShapesSource default: 1..6 objects, some partly occluded
+        "empty_fraction": 0.05,
+    }  # ShapesSource default: a few empty images
     c.dataset.train = {"split": "train", "num_images": NUM_STEPS * BATCH // EPOCHS, **shapes}
     c.dataset.val = {"split": "validation", "num_images": 500, **shapes}  # 500: ~10 s to evaluate
     c.dataset.drop_empty_train = False  # a few empty images are part of the task

@@ -6,10 +6,20 @@ import runpy
 
 def get_config():
     c = runpy.run_path(os.path.join(os.path.dirname(__file__), "shapes.py"))["get_config"]()
-    c.dataset.train = {"split": "train", "image_size": 64, "num_images": 64, "max_objects": 3,
-                       "object_size": (0.2, 0.6)}
-    c.dataset.val = {"split": "validation", "image_size": 64, "num_images": 8, "max_objects": 3,
-                     "object_size": (0.2, 0.6)}
+    c.dataset.train = {
+        "split": "train",
+        "image_size": 64,
+        "num_images": 64,
+        "max_objects": 3,
+        "object_size": (0.2, 0.6),
+    }
+    c.dataset.val = {
+        "split": "validation",
+        "image_size": 64,
+        "num_images": 8,
+        "max_objects": 3,
+        "object_size": (0.2, 0.6),
+    }
     c.input.min_sizes = (64,)
     c.input.max_size = 64
     c.input.max_boxes = 4

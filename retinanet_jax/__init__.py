@@ -5,12 +5,12 @@ plus the jit-compatible core `RetinaNet`, `anchors_for_image` and `postprocess`.
 torch is imported only inside the porting functions, so the package works without it.
 """
 
-from retinanet_jax.ops.anchors import anchors_for_image, num_anchors_per_level
-from retinanet_jax.models.retinanet import RetinaNet, frozen_param_mask
-from retinanet_jax.objective.retinanet_loss import compute_losses, retinanet_losses
 from retinanet_jax.inference.postprocess import postprocess
 from retinanet_jax.inference.predict import Predictor, predict
 from retinanet_jax.interop.torchvision import backbone_from_torchvision, from_torchvision, to_torchvision
+from retinanet_jax.models.retinanet import RetinaNet, frozen_param_mask
+from retinanet_jax.objective.retinanet_loss import compute_losses, retinanet_losses
+from retinanet_jax.ops.anchors import anchors_for_image, num_anchors_per_level
 
 __all__ = [
     "RetinaNet",

@@ -29,19 +29,25 @@ def _install_kill_hook() -> None:
     kill_at = int(os.environ["MULTIHOST_KILL_AT_STEP"])
     wait_for = os.environ.get("MULTIHOST_KILL_AFTER")
     import jax
+
     from retinanet_jax.data.pipeline import TrainBatchIterator
 
     original = TrainBatchIterator.__next__
 
     def next_or_die(self):
         state = self.get_state()
-        if (state["epoch"] * self.steps_per_epoch + state["position"] == kill_at
-                and jax.process_index() == int(victim)):
-            deadline = time.monotonic() + 60
+        if state["epoch"] * self.steps_per_epoch + state[
+            "position"
+        ] == kill_at and jax.process_index() == int(victim):
+            # Checkpoint 2 is written in the background (float64 state: ~280 MB per run of
+            # the tiny config); 60 s was too short on a loaded 2-core machine.
+            deadline = time.monotonic() + 300
             while wait_for and not os.path.isdir(wait_for) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            print(f"MULTIHOST_KILL: process {victim} killing itself after step {kill_at} "
-                  f"at {time.time():.3f}", flush=True)
+            print(
+                f"MULTIHOST_KILL: process {victim} killing itself after step {kill_at} at {time.time():.3f}",
+                flush=True,
+            )
             os.kill(os.getpid(), signal.SIGKILL)
         return original(self)
 
@@ -54,13 +60,12 @@ def _cache_from_every_process() -> None:
 
     jax_write = compiler._cache_write
 
-    def cache_write(cache_key, compile_time_secs, module_name, backend, executable,
-                    host_callbacks):
+    def cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
         if jax_distributed.global_state.process_id == 0 or host_callbacks:
-            return jax_write(cache_key, compile_time_secs, module_name, backend, executable,
-                             host_callbacks)
-        compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend,
-                                                  int(compile_time_secs))
+            return jax_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks)
+        compilation_cache.put_executable_and_time(
+            cache_key, module_name, executable, backend, int(compile_time_secs)
+        )
 
     compiler._cache_write = cache_write
 

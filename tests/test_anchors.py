@@ -73,7 +73,7 @@ def test_level_sizes_split_in_anchor_order():
         stride = hw[1] // fw
         assert stride == (8 * 2**lvl if lvl < 4 else 106)
         # Second location (x = 1) of each level is shifted by one stride in x only.
-        np.testing.assert_array_equal(a[s + 9: s + 18] - a[s: s + 9], [[stride, 0, stride, 0]] * 9)
+        np.testing.assert_array_equal(a[s + 9 : s + 18] - a[s : s + 9], [[stride, 0, stride, 0]] * 9)
         assert n[lvl] == fh * fw * 9
 
 

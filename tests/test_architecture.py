@@ -32,8 +32,19 @@ ALLOWED = {
     "inference": {"inference", "imageprep", "ops", "models", "parallel", "backends"},
     "interop": {"interop", "models", "ops", "data", "imageprep"},
     "evaluation": {"evaluation", "inference", "imageprep", "ops", "models", "data", "parallel"},
-    "training": {"training", "evaluation", "inference", "interop", "imageprep", "ops", "models",
-                 "objective", "data", "parallel", "backends"},
+    "training": {
+        "training",
+        "evaluation",
+        "inference",
+        "interop",
+        "imageprep",
+        "ops",
+        "models",
+        "objective",
+        "data",
+        "parallel",
+        "backends",
+    },
     "cli": None,  # the top: may import anything
 }
 TORCH = ("torch", "torchvision")
@@ -98,12 +109,15 @@ def test_every_folder_has_a_layer():
     assert folders == set(ALLOWED)
 
 
-@pytest.mark.parametrize("bad", [
-    ("inference", "from retinanet_jax.training import step\n"),
-    ("data", "import torch\n"),
-    ("ops", "from retinanet_jax.cli import main\n"),
-    ("models", "def f():\n    from retinanet_jax.ops.nms import _f\n"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ("inference", "from retinanet_jax.training import step\n"),
+        ("data", "import torch\n"),
+        ("ops", "from retinanet_jax.cli import main\n"),
+        ("models", "def f():\n    from retinanet_jax.ops.nms import _f\n"),
+    ],
+)
 def test_a_planted_wrong_arrow_is_caught(bad, tmp_path):
     folder, source = bad
     copy = tmp_path / "retinanet_jax"

@@ -10,7 +10,8 @@ import torch
 import torchvision
 from torchvision.models.detection._utils import BoxCoder
 
-from retinanet_jax.ops import box_coder as _box_coder, boxes as _boxes
+from retinanet_jax.ops import box_coder as _box_coder
+from retinanet_jax.ops import boxes as _boxes
 
 
 class _Jitted:

@@ -10,37 +10,57 @@ import pytest
 from flax.serialization import to_state_dict
 
 from retinanet_jax.parallel import mesh as parallel
-from retinanet_jax.training.checkpoint import CheckpointMismatchError, Checkpointer
+from retinanet_jax.training.checkpoint import Checkpointer, CheckpointMismatchError
 from retinanet_jax.training.step import TrainState
 
 
 def _variables(num_classes=3, seed=0):
     k = jax.random.split(jax.random.key(seed), 3)
-    return {"params": {"head": {"cls_logits": {"kernel": jax.random.normal(k[0], (3, 3, 8, 9 * num_classes)),
-                                               "bias": jnp.zeros((9 * num_classes,))},
-                                "conv": {"kernel": jax.random.normal(k[1], (3, 3, 8, 8))}}},
-            "batch_stats": {"bn": {"mean": jax.random.normal(k[2], (8,))}}}
+    return {
+        "params": {
+            "head": {
+                "cls_logits": {
+                    "kernel": jax.random.normal(k[0], (3, 3, 8, 9 * num_classes)),
+                    "bias": jnp.zeros((9 * num_classes,)),
+                },
+                "conv": {"kernel": jax.random.normal(k[1], (3, 3, 8, 8))},
+            }
+        },
+        "batch_stats": {"bn": {"mean": jax.random.normal(k[2], (8,))}},
+    }
 
 
 def _state(mesh, num_classes=3, seed=0, variables=None):
     """A TrainState (small stand-in params, one of them frozen) placed on ``mesh``."""
     v = variables or _variables(num_classes, seed)
-    trainable = {"head": {"cls_logits": v["params"]["head"]["cls_logits"], **{
-        k: m for k, m in v["params"]["head"].items() if k not in ("cls_logits", "conv")}}}
+    trainable = {
+        "head": {
+            "cls_logits": v["params"]["head"]["cls_logits"],
+            **{k: m for k, m in v["params"]["head"].items() if k not in ("cls_logits", "conv")},
+        }
+    }
     tx = optax.adamw(1e-3)
-    state = TrainState(step=jnp.zeros((), jnp.int32), skipped=jnp.zeros((), jnp.int32), params=trainable,
-                       frozen_params={"head": {"conv": v["params"]["head"]["conv"]}},
-                       batch_stats=v["batch_stats"], opt_state=tx.init(trainable), tx=tx)
-    return jax.tree.map(lambda x, sh: jax.device_put(jnp.array(x, copy=True), sh), state,
-                        parallel.tree_shardings(state, mesh))
+    state = TrainState(
+        step=jnp.zeros((), jnp.int32),
+        skipped=jnp.zeros((), jnp.int32),
+        params=trainable,
+        frozen_params={"head": {"conv": v["params"]["head"]["conv"]}},
+        batch_stats=v["batch_stats"],
+        opt_state=tx.init(trainable),
+        tx=tx,
+    )
+    return jax.tree.map(
+        lambda x, sh: jax.device_put(jnp.array(x, copy=True), sh), state, parallel.tree_shardings(state, mesh)
+    )
 
 
 def _advance(state):
     # Non-trivial optimizer moments and step, so the test covers every part of the state.
     grads = jax.tree.map(jnp.ones_like, state.params)
     updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    return state.replace(step=state.step + 7, params=optax.apply_updates(state.params, updates),
-                         opt_state=opt_state)
+    return state.replace(
+        step=state.step + 7, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
 
 
 def _assert_trees_equal(a, b):
@@ -54,8 +74,14 @@ def test_sharded_on_8_devices_restores_on_1_device(tmp_path):
     kernel = state.frozen_params["head"]["conv"]["kernel"]
     assert len(kernel.sharding.device_set) == 8 and not kernel.sharding.is_fully_replicated
     with Checkpointer(tmp_path / "ckpt") as ckpt:
-        assert ckpt.save(7, state, config={"lr": 0.1}, class_names=["a", "b", "c"],
-                         data_state={"epoch": 1, "position": 3}, extra={"note": "x", "ids": [1, 2]})
+        assert ckpt.save(
+            7,
+            state,
+            config={"lr": 0.1},
+            class_names=["a", "b", "c"],
+            data_state={"epoch": 1, "position": 3},
+            extra={"note": "x", "ids": [1, 2]},
+        )
 
     mesh1 = parallel.make_mesh(devices=jax.devices()[:1])
     template = _state(mesh1, seed=1)  # different values, same structure

@@ -13,13 +13,13 @@ import json
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+import tomllib
+from detection_utils import lively_variables
 from PIL import Image
 
 import retinanet_jax as rj
@@ -42,8 +42,14 @@ def _env(with_repo: bool = True) -> dict:
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "retinanet_jax.cli.main", *map(str, args)], cwd=cwd,
-                          env=_env(), capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "retinanet_jax.cli.main", *map(str, args)],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -54,32 +60,20 @@ def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 # ------------------------------------------------------------------------------ fixtures
 
 
-def lively_variables(model: rj.RetinaNet, cls_bias=(1.0, 0.0, -30.0), seed: int = 0) -> dict:
-    """Random variables without compiling ``init``: fan-in scaled conv kernels keep features O(1);
-    class logits = bias + small noise, so class 0 scores ~0.5-0.85, class 1 ~0.3-0.6 and
-    class 2 (bias -30) never detects."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)))
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, s):
-        name, module = path[-1].key, path[-2].key
-        if name == "kernel":
-            std = 0.01 if module in ("cls_logits", "bbox_reg") else np.sqrt(1.0 / np.prod(s.shape[:-1]))
-            return (rng.standard_normal(s.shape) * std).astype(np.float32)
-        if name == "bias" and module == "cls_logits":
-            return np.tile(np.asarray(cls_bias, np.float32), s.shape[0] // len(cls_bias))
-        return np.ones(s.shape, s.dtype) if name in ("scale", "var") else np.zeros(s.shape, s.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, shapes)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     """(model, variables, Predictor with the CLI options used below)."""
     model = rj.RetinaNet(num_classes=len(NAMES), backbone="resnet18", fpn_channels=32, variant="v1")
     variables = lively_variables(model)
-    predictor = rj.Predictor(model, variables, min_size=SIZE, max_size=SIZE, batch_size=1,
-                             buckets=[(SIZE, SIZE)], detections_per_img=100)
+    predictor = rj.Predictor(
+        model,
+        variables,
+        min_size=SIZE,
+        max_size=SIZE,
+        batch_size=1,
+        buckets=[(SIZE, SIZE)],
+        detections_per_img=100,
+    )
     return model, variables, predictor
 
 
@@ -103,13 +97,23 @@ def _image(h: int, w: int, seed: int) -> np.ndarray:
 
 
 def test_help_of_every_command_explains_arguments_with_an_example(tmp_path):
-    commands = {"convert": ["--num-classes", "--no-verify", "SRC", "DST"],
-                "predict": ["--draw", "--display-thresh", "--score-thresh", "--output", "INPUT"],
-                "evaluate": ["--data", "--config", "--out-dir", "--class-map", "--step"],
-                "export": ["--canvas", "--input-dtype", "--platforms", "--batch-size"]}
-    procs = {c: subprocess.Popen([sys.executable, "-m", "retinanet_jax.cli.main", c, "--help"],
-                                 cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True) for c in commands}  # in parallel: each imports jax
+    commands = {
+        "convert": ["--num-classes", "--no-verify", "SRC", "DST"],
+        "predict": ["--draw", "--display-thresh", "--score-thresh", "--output", "INPUT"],
+        "evaluate": ["--data", "--config", "--out-dir", "--class-map", "--step"],
+        "export": ["--canvas", "--input-dtype", "--platforms", "--batch-size"],
+    }
+    procs = {
+        c: subprocess.Popen(
+            [sys.executable, "-m", "retinanet_jax.cli.main", c, "--help"],
+            cwd=tmp_path,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for c in commands
+    }  # in parallel: each imports jax
     out = {c: p.communicate(timeout=120) + (p.returncode,) for c, p in procs.items()}
     for command, flags in commands.items():
         stdout, stderr, code = out[command]
@@ -123,8 +127,8 @@ def test_console_script_entry_point(capsys, monkeypatch):
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, func = scripts["retinanet-jax"].partition(":")
     assert (module, func) == ("retinanet_jax.cli.main", "console_main")
-    from retinanet_jax.cli import main as cli
     from retinanet_jax.backends.cpu import hostmem
+    from retinanet_jax.cli import main as cli
 
     # console_main re-executes itself for huge-page malloc (hostmem.py): opted out here, or it
     # would replace the pytest process.
@@ -201,8 +205,19 @@ def _write_inputs(folder: Path) -> dict[str, np.ndarray]:
 def test_predict_folder_with_bad_files_json_and_drawings(tiny, model_dir, tmp_path):
     _, _, predictor = tiny
     images = _write_inputs(tmp_path / "in")
-    proc = run_cli("predict", model_dir, "in", "-o", "out/dets.json", "--draw", "out/draw",
-                   "--batch-size", "1", *OPTS, cwd=tmp_path)
+    proc = run_cli(
+        "predict",
+        model_dir,
+        "in",
+        "-o",
+        "out/dets.json",
+        "--draw",
+        "out/draw",
+        "--batch-size",
+        "1",
+        *OPTS,
+        cwd=tmp_path,
+    )
     # Every bad file named, the rest processed, non-zero status at the end.
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -236,7 +251,7 @@ def test_predict_folder_with_bad_files_json_and_drawings(tiny, model_dir, tmp_pa
         for x1, y1, x2, y2 in shown:  # the outline: pixels changed next to each edge's midpoint
             xm, ym = (x1 + x2) // 2, (y1 + y2) // 2
             for y, x in ((y1, xm), (y2 - 1, xm), (ym, x1), (ym, x2 - 1)):
-                assert diff[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2].any(), (name, x1, y1, x2, y2)
+                assert diff[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2].any(), (name, x1, y1, x2, y2)
 
 
 def test_predict_16_bit_grayscale_file_equals_rj_predict_on_the_pil_image(tiny, model_dir, tmp_path):
@@ -292,8 +307,14 @@ def train_workdir(tiny, tmp_path_factory) -> Path:
     with Checkpointer(path / "checkpoints", async_save=False) as ckpt:
         for step, v, ap in ((1, dead, 0.9), (2, variables, 0.1)):
             state = create_train_state(model, v, optax.sgd(0.1), trainable_backbone_layers=3)
-            ckpt.save(step, state, config=config, class_names=NAMES, metrics={"eval/AP": ap},
-                      extra={"model": model_spec(model)})
+            ckpt.save(
+                step,
+                state,
+                config=config,
+                class_names=NAMES,
+                metrics={"eval/AP": ap},
+                extra={"model": model_spec(model)},
+            )
     return path
 
 
@@ -304,17 +325,27 @@ def _coco_dataset(tiny, folder: Path) -> tuple[Path, dict]:
     folder.mkdir()
     images = [_image(SIZE, SIZE, 10 + i) for i in range(3)]
     dets = predictor(images)
-    coco = {"images": [], "annotations": [],
-            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}]}
+    coco = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}, {"id": 3, "name": "bird"}],
+    }
     for i, (image, det) in enumerate(zip(images, dets)):
         Image.fromarray(image).save(folder / f"{i}.png")
         coco["images"].append({"id": 100 + i, "file_name": f"{i}.png", "height": SIZE, "width": SIZE})
         boxes = [b.tolist() for b in det["boxes"]] + ([[5.0, 5.0, 40.0, 30.0]] if i == 0 else [])
         labels = det["labels"].tolist() + ([2] if i == 0 else [])
         for (x1, y1, x2, y2), label in zip(boxes, labels):
-            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": 100 + i,
-                                        "category_id": label + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                        "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            coco["annotations"].append(
+                {
+                    "id": len(coco["annotations"]) + 1,
+                    "image_id": 100 + i,
+                    "category_id": label + 1,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
     assert {a["category_id"] for a in coco["annotations"]} == {1, 2, 3}
     (folder / "gt.json").write_text(json.dumps(coco))
     return folder / "gt.json", coco
@@ -325,9 +356,23 @@ def test_evaluate_training_workdir_matches_pycocotools(tiny, train_workdir, tmp_
     from pycocotools.cocoeval import COCOeval
 
     gt_path, _ = _coco_dataset(tiny, tmp_path / "data")
-    proc = _ok(run_cli("evaluate", train_workdir, "--step", "2", "--data", "coco_json", f"annotation_file={gt_path}",
-                       f"image_dir={gt_path.parent}", "--out-dir", "ev", "--detections-per-img", "100",
-                       cwd=tmp_path))
+    proc = _ok(
+        run_cli(
+            "evaluate",
+            train_workdir,
+            "--step",
+            "2",
+            "--data",
+            "coco_json",
+            f"annotation_file={gt_path}",
+            f"image_dir={gt_path.parent}",
+            "--out-dir",
+            "ev",
+            "--detections-per-img",
+            "100",
+            cwd=tmp_path,
+        )
+    )
     assert "checkpoints/2" in proc.stderr
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     per_class = {n: v["AP"] for n, v in metrics["per_class"].items()}
@@ -400,21 +445,44 @@ print(json.dumps({"platforms": list(exp.platforms), "meta_platforms": meta["plat
 
 def test_export_reloads_without_the_library_and_matches_predict(tiny, model_dir, tmp_path):
     _, _, predictor = tiny
-    _ok(run_cli("export", model_dir, "det.jaxexport", "--batch-size", "2", "--canvas", SIZE, SIZE, *OPTS,
-                cwd=tmp_path))
+    _ok(
+        run_cli(
+            "export",
+            model_dir,
+            "det.jaxexport",
+            "--batch-size",
+            "2",
+            "--canvas",
+            SIZE,
+            SIZE,
+            *OPTS,
+            cwd=tmp_path,
+        )
+    )
     images = [_image(SIZE, SIZE, 20), _image(48, SIZE, 21)]  # the second one leaves padding
     canvas = np.zeros((2, SIZE, SIZE, 3), np.uint8)
     for i, im in enumerate(images):
-        canvas[i, :im.shape[0], :im.shape[1]] = im
+        canvas[i, : im.shape[0], : im.shape[1]] = im
     canvas[1, 48:] = 255  # whatever lies outside image_sizes must not matter
     sizes = np.asarray([im.shape[:2] for im in images], np.int32)
     np.savez(tmp_path / "inputs.npz", images=canvas, image_sizes=sizes)
     (tmp_path / "child.py").write_text(_CHILD)
-    child = _ok(subprocess.run([sys.executable, "child.py"], cwd=tmp_path, env=_env(with_repo=False),
-                               capture_output=True, text=True, timeout=600))
+    child = _ok(
+        subprocess.run(
+            [sys.executable, "child.py"],
+            cwd=tmp_path,
+            env=_env(with_repo=False),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    )
     report = json.loads(child.stdout.strip().splitlines()[-1])
-    assert report == {"platforms": ["cpu", "cuda", "tpu"], "meta_platforms": ["cpu", "cuda", "tpu"],
-                      "imported_retinanet_jax": False}
+    assert report == {
+        "platforms": ["cpu", "cuda", "tpu"],
+        "meta_platforms": ["cpu", "cuda", "tpu"],
+        "imported_retinanet_jax": False,
+    }
 
     got = np.load(tmp_path / "outputs.npz")
     for i, want in enumerate(predictor(images)):

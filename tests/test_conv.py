@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from retinanet_jax.backends.cpu import conv
-from retinanet_jax.backends.cpu import winograd
+from retinanet_jax.backends.cpu import conv, winograd
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -31,15 +30,18 @@ def kernel_grad_rule(request, monkeypatch):
     return request.param
 
 
-@pytest.mark.parametrize("shape, k, stride, pad, cout", [
-    ((2, 17, 15, 8), 3, 1, 1, 12),  # odd sizes
-    ((2, 16, 16, 8), 3, 2, 1, 6),  # strided 3x3 (ResNet / P6, P7)
-    ((2, 16, 16, 8), 1, 2, 0, 5),  # strided 1x1 (downsample)
-    ((2, 15, 17, 8), 1, 2, 0, 5),  # strided 1x1, odd sizes (last row/column read)
-    ((2, 16, 14, 6), 1, 1, 0, 9),  # 1x1, Cin < Cout (the other transposed operand)
-    ((1, 20, 22, 3), 7, 2, 3, 4),  # the stem
-    ((2, 9, 9, 4), 3, 2, 1, 7),  # last row/column of the padded input unused
-])
+@pytest.mark.parametrize(
+    "shape, k, stride, pad, cout",
+    [
+        ((2, 17, 15, 8), 3, 1, 1, 12),  # odd sizes
+        ((2, 16, 16, 8), 3, 2, 1, 6),  # strided 3x3 (ResNet / P6, P7)
+        ((2, 16, 16, 8), 1, 2, 0, 5),  # strided 1x1 (downsample)
+        ((2, 15, 17, 8), 1, 2, 0, 5),  # strided 1x1, odd sizes (last row/column read)
+        ((2, 16, 14, 6), 1, 1, 0, 9),  # 1x1, Cin < Cout (the other transposed operand)
+        ((1, 20, 22, 3), 7, 2, 3, 4),  # the stem
+        ((2, 9, 9, 4), 3, 2, 1, 7),  # last row/column of the padded input unused
+    ],
+)
 def test_values_and_gradients_equal_lax(shape, k, stride, pad, cout, kernel_grad_rule):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
@@ -62,8 +64,11 @@ def _kernel_grad_hlo(fn, k, x_shape=(1, 8, 8, 4), cout=8):
     pad = ((k // 2, k // 2),) * 2
 
     def dw(x, w, g):
-        f = lambda w: fn(x, w, (1, 1), pad, dimension_numbers=NHWC)
+        def f(w):
+            return fn(x, w, (1, 1), pad, dimension_numbers=NHWC)
+
         return jax.vjp(f, w)[1](g)[0]
+
     return jax.jit(dw).lower(x, w, g).compile().as_text()
 
 
@@ -82,42 +87,229 @@ def test_cpu_gemm_paths():
 def test_unsupported_forms_fall_back_to_lax():
     x = jnp.ones((1, 8, 8, 2))
     w = jnp.ones((3, 3, 2, 3))
-    got = conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC,
-                                    rhs_dilation=(2, 2))
-    want = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC,
-                                    rhs_dilation=(2, 2))
+    got = conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC, rhs_dilation=(2, 2))
+    want = lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=NHWC, rhs_dilation=(2, 2))
     np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="the GEMM paths are CPU-only")
 def test_bf16_wide_conv_is_gemms_without_f32_copies():
     x, w = jnp.ones((1, 8, 8, 256), jnp.bfloat16), jnp.ones((3, 3, 256, 256), jnp.bfloat16)
-    f = lambda x, w: conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+
+    def f(x, w):
+        return conv.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+
     hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w).astype(jnp.float32)), (0, 1))).lower(x, w)
     hlo = hlo.compile().as_text()
     assert "convolution" not in hlo and "dot" in hlo
     assert "f32[1,10,8,768]" not in hlo  # window copies stay 16-bit (bitcast to uint16)
+
     # Stride 2 (ResNet stages 2-4, P6/P7): the input gradient too, one GEMM per output phase
     # (XLA's transposed conv ran in f32).
-    s2 = lambda x, w: conv.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+    def s2(x, w):
+        return conv.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+
     hlo = jax.jit(jax.grad(lambda x, w: jnp.sum(s2(x, w).astype(jnp.float32)), (0, 1))).lower(x, w)
     assert "convolution" not in hlo.compile().as_text()
 
 
-def test_works_as_flax_conv_hook_in_bf16():
-    layer = nn.Conv(16, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=jnp.bfloat16,
-                    conv_general_dilated=conv.conv_general_dilated)
-    ref = nn.Conv(16, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), dtype=jnp.bfloat16)
-    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 16, 16, 8)), jnp.float32)
-    params = ref.init(jax.random.key(0), x)
+# ------------------------------------------------- each CPU path, at shapes that take it
+# Error model for a result summing K products of rms magnitude m (m = rms(a) * rms(b) of the two
+# factors), against a float64 reference on the *same* operand values (so no operand rounding,
+# which would add ~sqrt(K) * 2^-8 * m for bf16 operands):
+# - float32 accumulation: GEMM micro-kernels (and XLA's conv) add the K products one after the
+#   other; each addition errs by up to u32 |s_k| (u32 = 2^-24) with independent signs, so the
+#   error is ~ u32 * sqrt(sum_k s_k^2 / 3). The partial sums s_k are a random walk of size
+#   ~sqrt(k) m plus the drift towards the result (k / K) y, which gives
+#   rms ~ u32 * sqrt(K) * (sqrt(K / 6) m + |y| / 3) <= u32 * sqrt(K) * (sqrt(K) m + |y|).
+#   Tolerance: 4x that unit (measured worst over each result: 1.14x unit, 1x1 forward);
+#   Winograd's transforms (sums of up to 4 inputs and 9 products) add rounding: 8x (measured
+#   worst 1.89x, kernel gradient);
+# - a result in bf16 is rounded once more: + 2^-8 |ref| (round to nearest, 8 significant
+#   bits); an f32 result + 2^-24 |ref|.
+# A wrong kernel element, tap or layout errs by O(sqrt(K) m), ~10^3 times these bounds.
+U32, U16 = 2.0**-24, 2.0**-8
+PATHS = ("_conv_rows", "_input_grad_rows", "_input_grad_phases", "_kernel_grad_gemm", "_dot")
 
-    def grads(m):
-        return jax.jit(jax.grad(lambda p: jnp.sum(m.apply(p, x).astype(jnp.float32) ** 2)))(params)
 
-    g, g_ref = grads(layer), grads(ref)
-    assert g["params"]["kernel"].dtype == jnp.float32
-    # bf16 compute: our GEMM accumulates in f32, lax's conv may round differently.
-    np.testing.assert_allclose(g["params"]["kernel"], g_ref["params"]["kernel"], rtol=5e-2, atol=5e-2)
+def _count_paths(monkeypatch):
+    """Counting wrappers (trace time) around conv.py's GEMM forms and winograd.conv3x3."""
+    counts = dict.fromkeys(PATHS + ("winograd",), 0)
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    for name in PATHS:
+        monkeypatch.setattr(conv, name, counting(name, getattr(conv, name)))
+    monkeypatch.setattr(winograd, "conv3x3", counting("winograd", winograd.conv3x3))
+    return counts
+
+
+def _reference64(x, w, g, strides, padding, wrt):
+    """lax.conv_general_dilated in float64 on the same operand values: value and the vjp of g."""
+
+    def conv64(x, w):
+        return lax.conv_general_dilated(
+            x, w, strides, padding, dimension_numbers=NHWC, precision=lax.Precision.HIGHEST
+        )
+
+    def f(x, w, g):
+        y, vjp = jax.vjp(conv64, x, w)
+        dx, dw = vjp(g)
+        return [v for v, k in ((y, "y"), (dx, "dx"), (dw, "dw")) if k in wrt]
+
+    with jax.enable_x64(True):
+        return [np.asarray(v) for v in jax.jit(f)(*(np.asarray(a, np.float64) for a in (x, w, g)))]
+
+
+def _ours(x, w, g, strides, padding, preferred, wrt):
+    """conv.conv_general_dilated's value and vjp of g, compiled: (results, compiled HLO text)."""
+
+    def ours(x, w):
+        return conv.conv_general_dilated(
+            x, w, strides, padding, dimension_numbers=NHWC, preferred_element_type=preferred
+        )
+
+    def f(x, w, g):
+        y, vjp = jax.vjp(ours, x, w)
+        dx, dw = vjp(g)
+        return {"y": y, "dx": dx, "dw": dw}
+
+    compiled = (
+        jax.jit(lambda x, w, g: {k: v for k, v in f(x, w, g).items() if k in wrt}).lower(x, w, g).compile()
+    )
+    out = compiled(x, w, g)
+    return {k: out[k] for k in wrt}, compiled.as_text()
+
+
+def _assert_close_to_rounding(got, ref, k, m, factor, bf16_result, what):
+    tol = factor * U32 * np.sqrt(k) * (np.sqrt(k) * m + np.abs(ref)) + (U16 if bf16_result else U32) * np.abs(
+        ref
+    )
+    err = np.abs(np.asarray(got, np.float64) - ref)
+    worst = tuple(int(i) for i in np.unravel_index(np.argmax(err - tol), err.shape))
+    assert np.all(err <= tol), (
+        f"{what}: error {err[worst]:.3g} > tolerance {tol[worst]:.3g} at "
+        f"{worst} (ref {ref[worst]:.4g}; K={k}, m={m:.3g})"
+    )
+
+
+CPU_PATH_CASES = {
+    # name: (x shape, kernel shape, stride, pad, operand dtype, preferred, results,
+    #        {path function: taken?})
+    # 1x1 stride 2 (ResNet downsample): forward, input and kernel gradient are dots.
+    "1x1_s2_f32": (
+        (2, 32, 32, 64),
+        (1, 1, 64, 128),
+        2,
+        0,
+        jnp.float32,
+        None,
+        ("y", "dx", "dw"),
+        {"_dot": True},
+    ),
+    # f32 3x3 kernel gradient on a 64x64 map, Cin*Cout = 128*512 >= 256^2 (_gemm_kernel_grad);
+    # 128 input channels: not Winograd. Forward and input gradient stay XLA's (DCE'd here).
+    "kgrad_f32": (
+        (1, 64, 64, 128),
+        (3, 3, 128, 512),
+        1,
+        1,
+        jnp.float32,
+        None,
+        ("dw",),
+        {"_kernel_grad_gemm": True, "_conv_rows": False, "winograd": False},
+    ),
+    # bf16 3x3 with both channel counts >= 128 (_gemm_conv): forward, input (stride 1: a conv of
+    # g with the flipped kernel; stride 2: one GEMM per output phase) and kernel gradient.
+    "gemm_bf16_s1": (
+        (2, 16, 16, 128),
+        (3, 3, 128, 128),
+        1,
+        1,
+        jnp.bfloat16,
+        jnp.float32,
+        ("y", "dx", "dw"),
+        {
+            "_conv_rows": True,
+            "_input_grad_rows": True,
+            "_input_grad_phases": False,
+            "_kernel_grad_gemm": True,
+        },
+    ),
+    "gemm_bf16_s2": (
+        (2, 16, 16, 128),
+        (3, 3, 128, 128),
+        2,
+        1,
+        jnp.bfloat16,
+        jnp.float32,
+        ("y", "dx", "dw"),
+        {
+            "_conv_rows": True,
+            "_input_grad_rows": False,
+            "_input_grad_phases": True,
+            "_kernel_grad_gemm": True,
+        },
+    ),
+    # f32 stride-1 3x3, 256 -> 256 channels on a 32x32 map: Winograd F(2x2, 3x3), gradients too.
+    "winograd_f32": (
+        (1, 32, 32, 256),
+        (3, 3, 256, 256),
+        1,
+        1,
+        jnp.float32,
+        None,
+        ("y", "dx", "dw"),
+        {"winograd": True, "_conv_rows": False, "_kernel_grad_gemm": False},
+    ),
+}
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the GEMM paths are CPU-only")
+@pytest.mark.parametrize("case", list(CPU_PATH_CASES))
+def test_each_cpu_path_is_taken_and_equals_float64_lax(case, monkeypatch):
+    """At shapes that satisfy conv.py's path rules, (1) the path is taken (its function is
+    traced, and the compiled program has no convolution left), and (2) value, input gradient
+    and kernel gradient equal float64 lax.conv_general_dilated on the same operand values to
+    float32 accumulation rounding (plus one bf16 rounding for bf16 results; see above)."""
+    x_shape, w_shape, stride, pad, dtype, preferred, wrt, paths = CPU_PATH_CASES[case]
+    kh, kw, cin, cout = w_shape
+    strides, padding = (stride, stride), ((pad, pad), (pad, pad))
+    out_hw = [(size + 2 * pad - k) // stride + 1 for size, k in zip(x_shape[1:3], (kh, kw))]
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.normal(size=x_shape), dtype)
+    w = jnp.asarray(rng.normal(size=w_shape), dtype)
+    # The cotangent arrives in the output's dtype; conv.py casts it to the operands' (bf16):
+    # bf16 values, so that cast is exact and the reference sees the same cotangent.
+    g = jnp.asarray(rng.normal(size=(x_shape[0], *out_hw, cout)), dtype).astype(preferred or dtype)
+
+    counts = _count_paths(monkeypatch)
+    got, hlo = _ours(x, w, g, strides, padding, preferred, wrt)
+    for name, taken in paths.items():
+        assert (counts[name] > 0) == taken, f"{case}: {name} traced {counts[name]} times ({counts})"
+    assert "convolution" not in hlo and "dot" in hlo, f"{case}: a convolution is left"
+
+    refs = _reference64(x, w, g, strides, padding, wrt)
+
+    def rms(a):
+        return float(np.sqrt(np.mean(np.square(np.asarray(a, np.float64)))))
+
+    terms = {
+        "y": (kh * kw * cin, rms(x) * rms(w)),  # per output: kh*kw*Cin products x*w
+        "dx": (kh * kw * cout, rms(g) * rms(w)),  # per input pixel: up to kh*kw*Cout g*w
+        "dw": (x_shape[0] * out_hw[0] * out_hw[1], rms(x) * rms(g)),
+    }  # over batch*space
+    factor = 8 if paths.get("winograd") else 4
+    for key, ref in zip(wrt, refs):
+        k, m = terms[key]
+        bf16_result = got[key].dtype == jnp.bfloat16
+        assert bf16_result == (dtype == jnp.bfloat16 and key != "y")  # preferred f32 output
+        _assert_close_to_rounding(got[key], ref, k, m, factor, bf16_result, f"{case} {key}")
 
 
 def test_float32_output_args_give_the_conv_float32_operands_to_round():
@@ -127,28 +319,39 @@ def test_float32_output_args_give_the_conv_float32_operands_to_round():
     rng = np.random.default_rng(2)
     x = jnp.asarray(np.maximum(rng.normal(size=(1, 32, 32, 256)), 0), jnp.float32)
     for k in (3, 1):
-        layer = nn.Conv(256, (k, k), padding=((k // 2, k // 2),) * 2, dtype=jnp.bfloat16,
-                        **conv.float32_output_args(jnp.bfloat16))
+        layer = nn.Conv(
+            256,
+            (k, k),
+            padding=((k // 2, k // 2),) * 2,
+            dtype=jnp.bfloat16,
+            **conv.float32_output_args(jnp.bfloat16),
+        )
         params = layer.init(jax.random.key(0), x)
         w, b = params["params"]["kernel"], params["params"]["bias"]
         got = jax.jit(layer.apply)(params, x)
         assert got.dtype == jnp.float32
         if k == 3:
-            want = winograd.conv3x3(x, w, compute_dtype=jnp.bfloat16,
-                                    preferred_element_type=jnp.float32) + b
+            want = winograd.conv3x3(x, w, compute_dtype=jnp.bfloat16, preferred_element_type=jnp.float32) + b
         else:
-            want = jnp.dot(x.astype(jnp.bfloat16), w[0, 0].astype(jnp.bfloat16),
-                           preferred_element_type=jnp.float32) + b
+            want = (
+                jnp.dot(
+                    x.astype(jnp.bfloat16), w[0, 0].astype(jnp.bfloat16), preferred_element_type=jnp.float32
+                )
+                + b
+            )
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6 * float(jnp.abs(want).max()))
 
 
-@pytest.mark.parametrize("shape,k,stride", [
-    ((1, 8, 8, 16, 36), 3, 1),      # narrow: lax's conv
-    ((1, 8, 8, 128, 128), 3, 2),    # bf16 GEMM forward, input gradient per phase (stride 2)
-    ((1, 8, 8, 128, 128), 3, 1),    # bf16 GEMM forward and both gradients
-    ((1, 32, 32, 256, 256), 3, 1),  # Winograd
-    ((1, 8, 8, 64, 32), 1, 2),      # 1x1
-])
+@pytest.mark.parametrize(
+    "shape,k,stride",
+    [
+        ((1, 8, 8, 16, 36), 3, 1),  # narrow: lax's conv
+        ((1, 8, 8, 128, 128), 3, 2),  # bf16 GEMM forward, input gradient per phase (stride 2)
+        ((1, 8, 8, 128, 128), 3, 1),  # bf16 GEMM forward and both gradients
+        ((1, 32, 32, 256, 256), 3, 1),  # Winograd
+        ((1, 8, 8, 64, 32), 1, 2),  # 1x1
+    ],
+)
 def test_bf16_operands_with_float32_output(shape, k, stride):
     """``preferred_element_type=f32`` on bf16 operands (the heads' final convs): f32 output, and
     gradients (back-propagated in bf16, returned to the f32 inputs) that agree with a float32
@@ -160,14 +363,22 @@ def test_bf16_operands_with_float32_output(shape, k, stride):
     pad = ((k // 2, k // 2),) * 2
 
     def loss(x, w, dtype, preferred):
-        y = conv.conv_general_dilated(x.astype(dtype), w.astype(dtype), (stride, stride), pad,
-                                      dimension_numbers=NHWC, preferred_element_type=preferred)
+        y = conv.conv_general_dilated(
+            x.astype(dtype),
+            w.astype(dtype),
+            (stride, stride),
+            pad,
+            dimension_numbers=NHWC,
+            preferred_element_type=preferred,
+        )
         return jnp.sum(jnp.sin(y.astype(jnp.float32))), y
 
-    (_, y16), g16 = jax.jit(jax.value_and_grad(
-        lambda x, w: loss(x, w, jnp.bfloat16, jnp.float32), (0, 1), has_aux=True))(x, w)
-    (_, y32), g32 = jax.jit(jax.value_and_grad(
-        lambda x, w: loss(x, w, jnp.float32, None), (0, 1), has_aux=True))(x, w)
+    (_, y16), g16 = jax.jit(
+        jax.value_and_grad(lambda x, w: loss(x, w, jnp.bfloat16, jnp.float32), (0, 1), has_aux=True)
+    )(x, w)
+    (_, y32), g32 = jax.jit(
+        jax.value_and_grad(lambda x, w: loss(x, w, jnp.float32, None), (0, 1), has_aux=True)
+    )(x, w)
     assert y16.dtype == jnp.float32
     np.testing.assert_allclose(y16, y32, atol=0.03 * float(jnp.std(y32)))
     for a, b in zip(g16, g32):

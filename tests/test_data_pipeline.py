@@ -27,9 +27,12 @@ class IndexedSource:
     def __getitem__(self, i):
         h, w = IndexedSource.image_size(self, i)
         k = self.boxes_per_image
-        return {"image": np.full((h, w, 3), i, np.uint8),
-                "boxes": np.tile(np.array([[1, 2, 11, 12]], np.float32), (k, 1)),
-                "labels": np.arange(k, dtype=np.int32) % 2, "image_id": i}
+        return {
+            "image": np.full((h, w, 3), i, np.uint8),
+            "boxes": np.tile(np.array([[1, 2, 11, 12]], np.float32), (k, 1)),
+            "labels": np.arange(k, dtype=np.int32) % 2,
+            "image_id": i,
+        }
 
 
 KW = dict(batch_size=4, min_sizes=(30, 45), max_size=80, max_boxes=3, seed=3)
@@ -95,8 +98,7 @@ def test_resume_from_state_replays_the_same_batches():
 
 def test_two_hosts_partition_each_global_batch():
     kw = {**KW, "batch_size": 5}
-    hosts = [TrainBatchIterator(IndexedSource(), **kw, process_index=p, process_count=2)
-             for p in range(2)]
+    hosts = [TrainBatchIterator(IndexedSource(), **kw, process_index=p, process_count=2) for p in range(2)]
     assert hosts[0].steps_per_epoch == hosts[1].steps_per_epoch == 4  # 20 per bucket / 10
     seen = []
     for step in range(4):
@@ -122,8 +124,7 @@ def test_sampler_drops_partial_groups_and_interleaves():
 def test_too_many_boxes_error_or_truncate():
     with pytest.raises(DataError, match="image_id .*: 5 boxes exceed max_boxes=3"):
         next(TrainBatchIterator(IndexedSource(boxes_per_image=5), **KW))
-    batch = next(TrainBatchIterator(IndexedSource(boxes_per_image=5), **KW,
-                                    box_overflow="truncate"))
+    batch = next(TrainBatchIterator(IndexedSource(boxes_per_image=5), **KW, box_overflow="truncate"))
     np.testing.assert_array_equal(batch["labels"], [[0, 1, 0]] * 4)
 
 
@@ -140,8 +141,9 @@ def test_unknown_image_sizes_use_a_square_canvas_and_small_data_errors():
 
 
 def test_shapes_source_through_the_pipeline():
-    it = TrainBatchIterator(ShapesSource(num_images=8, image_size=64), batch_size=4,
-                            min_sizes=(64,), max_size=64, max_boxes=10)
+    it = TrainBatchIterator(
+        ShapesSource(num_images=8, image_size=64), batch_size=4, min_sizes=(64,), max_size=64, max_boxes=10
+    )
     batch = next(it)
     assert batch["images"].shape == (4, 64, 64, 3)
     np.testing.assert_array_equal(batch["image_sizes"], [[64, 64]] * 4)

@@ -51,8 +51,7 @@ def test_boxes_are_tight_bounds_of_visible_shapes():
 
 def test_mostly_hidden_shapes_are_removed():
     # Large shapes, many per image: heavy overlap, so the occlusion rule has work to do.
-    kw = dict(num_images=150, image_size=64, max_objects=12, object_size=(0.5, 0.9),
-              empty_fraction=0.0)
+    kw = dict(num_images=150, image_size=64, max_objects=12, object_size=(0.5, 0.9), empty_fraction=0.0)
     strict, lenient = ShapesSource(min_visible=0.8, **kw), ShapesSource(min_visible=0.0, **kw)
     removed = 0
     for i in range(150):

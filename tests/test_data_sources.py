@@ -89,8 +89,7 @@ def _coco_dir(tmp_path, annotations, extra_images=()):
     ]
     categories = [{"id": 18, "name": "dog"}, {"id": 3, "name": "car"}, {"id": 44, "name": "bottle"}]
     path = tmp_path / "instances.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": categories}))
+    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
     return str(path), str(img_dir)
 
 
@@ -122,12 +121,15 @@ def test_coco_json_source(tmp_path):
     assert src.image_size(1) == (30, 20) and src.image_size(2) == (10, 10)
 
 
-@pytest.mark.parametrize("bad_ann, message", [
-    ({"id": 55, "image_id": 7, "category_id": 3, "bbox": [10, 10, 0, 5]}, "degenerate box"),
-    ({"id": 55, "image_id": 7, "category_id": 3, "bbox": [50, 10, 15, 5]}, "out-of-image box"),
-    ({"id": 55, "image_id": 7, "category_id": 99, "bbox": [1, 1, 5, 5]}, "unknown category_id"),
-    ({"id": 55, "image_id": 1234, "category_id": 3, "bbox": [1, 1, 5, 5]}, "unknown image_id"),
-])
+@pytest.mark.parametrize(
+    "bad_ann, message",
+    [
+        ({"id": 55, "image_id": 7, "category_id": 3, "bbox": [10, 10, 0, 5]}, "degenerate box"),
+        ({"id": 55, "image_id": 7, "category_id": 3, "bbox": [50, 10, 15, 5]}, "out-of-image box"),
+        ({"id": 55, "image_id": 7, "category_id": 99, "bbox": [1, 1, 5, 5]}, "unknown category_id"),
+        ({"id": 55, "image_id": 1234, "category_id": 3, "bbox": [1, 1, 5, 5]}, "unknown image_id"),
+    ],
+)
 def test_coco_json_bad_records(tmp_path, bad_ann, message):
     ann, img_dir = _coco_dir(tmp_path, GOOD_COCO_ANNS + [bad_ann])
     with pytest.raises(DataError, match=f"instances.json: annotation id 55.*{message}"):
@@ -161,9 +163,13 @@ def _voc_xml(filename, w, h, objects):
     objs = "".join(
         f"<object><name>{name}</name><difficult>{int(diff)}</difficult><bndbox>"
         f"<xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax>"
-        f"</bndbox></object>" for name, b, diff in objects)
-    return (f"<annotation><filename>{filename}</filename><size><width>{w}</width>"
-            f"<height>{h}</height><depth>3</depth></size>{objs}</annotation>")
+        f"</bndbox></object>"
+        for name, b, diff in objects
+    )
+    return (
+        f"<annotation><filename>{filename}</filename><size><width>{w}</width>"
+        f"<height>{h}</height><depth>3</depth></size>{objs}</annotation>"
+    )
 
 
 def _voc_dir(tmp_path, extra_objects=()):
@@ -173,8 +179,7 @@ def _voc_dir(tmp_path, extra_objects=()):
     Image.fromarray(_rgb(50, 40, 4)).save(root / "JPEGImages" / "000001.jpg")
     # A grayscale image stored next to its XML rather than in JPEGImages/.
     Image.fromarray(_rgb(20, 30, 5)[..., 0], "L").save(root / "Annotations" / "000002.png")
-    objects = [("dog", (1, 1, 40, 50), False), ("cat", (5, 6, 10, 12), True),
-               *extra_objects]
+    objects = [("dog", (1, 1, 40, 50), False), ("cat", (5, 6, 10, 12), True), *extra_objects]
     (root / "Annotations" / "000001.xml").write_text(_voc_xml("000001.jpg", 40, 50, objects))
     (root / "Annotations" / "000002.xml").write_text(_voc_xml("000002.png", 30, 20, []))
     return str(root / "Annotations")
@@ -205,11 +210,14 @@ def test_voc_xml_source(tmp_path):
     assert fixed.class_names == ["dog", "cat", "bird"]
 
 
-@pytest.mark.parametrize("obj, message", [
-    (("dog", (10, 10, 5, 20), False), "object 2: degenerate box"),
-    (("dog", (10, 10, 45, 20), False), "object 2: out-of-image box"),
-    (("unicorn", (1, 1, 5, 5), False), "object 2: unknown class name 'unicorn'"),
-])
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        (("dog", (10, 10, 5, 20), False), "object 2: degenerate box"),
+        (("dog", (10, 10, 45, 20), False), "object 2: out-of-image box"),
+        (("unicorn", (1, 1, 5, 5), False), "object 2: unknown class name 'unicorn'"),
+    ],
+)
 def test_voc_xml_bad_records(tmp_path, obj, message):
     ann_dir = _voc_dir(tmp_path, [obj])
     with pytest.raises(DataError, match=f"000001.xml: {message}"):
@@ -235,10 +243,12 @@ def _csv_dir(tmp_path, extra_rows=""):
     _write_png(tmp_path / "imgs" / "a.png", _rgb(40, 30, 6))
     rgba = np.concatenate([_rgb(16, 16, 7), np.zeros((16, 16, 1), np.uint8)], -1)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "imgs" / "b.png")
-    rows = ("image_path,x1,y1,x2,y2,class_name\n"
-            "imgs/a.png,1,2,11,22,zebra\n"
-            "imgs/b.png,,,,,\n"
-            "imgs/a.png,0,0,30.4,40,ant\n" + extra_rows)
+    rows = (
+        "image_path,x1,y1,x2,y2,class_name\n"
+        "imgs/a.png,1,2,11,22,zebra\n"
+        "imgs/b.png,,,,,\n"
+        "imgs/a.png,0,0,30.4,40,ant\n" + extra_rows
+    )
     (tmp_path / "ann.csv").write_text(rows)
     return str(tmp_path / "ann.csv")
 
@@ -263,13 +273,16 @@ def test_csv_source(tmp_path):
         CsvSource(str(tmp_path / "ann.csv"), classes_file=str(tmp_path / "bad_classes.csv"))
 
 
-@pytest.mark.parametrize("row, message", [
-    ("imgs/a.png,5,5,5,9,ant\n", "line 5: degenerate box"),
-    ("imgs/a.png,5,5,10,42,ant\n", "line 5: out-of-image box"),
-    ("imgs/a.png,5,5,10,12,yak\n", "line 5: unknown class name 'yak'"),
-    ("imgs/a.png,5,x,10,12,ant\n", "line 5: non-numeric"),
-    ("imgs/missing.png,5,5,10,12,ant\n", "line 5: .*missing.png: image file not found"),
-])
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ("imgs/a.png,5,5,5,9,ant\n", "line 5: degenerate box"),
+        ("imgs/a.png,5,5,10,42,ant\n", "line 5: out-of-image box"),
+        ("imgs/a.png,5,5,10,12,yak\n", "line 5: unknown class name 'yak'"),
+        ("imgs/a.png,5,x,10,12,ant\n", "line 5: non-numeric"),
+        ("imgs/missing.png,5,5,10,12,ant\n", "line 5: .*missing.png: image file not found"),
+    ],
+)
 def test_csv_bad_records(tmp_path, row, message):
     csv_file = _csv_dir(tmp_path, row)
     (tmp_path / "classes.txt").write_text("ant\nzebra\n")
@@ -300,26 +313,40 @@ class _FakeBuilder:
     """The slice of the tfds builder API TfdsSource uses, serving two VOC-like examples."""
 
     def __init__(self, name, data_dir=None):
-        self.info = types.SimpleNamespace(features={
-            "image": object(),
-            "objects": {"bbox": object(), "label": _FakeClassLabel(["cat", "dog"]),
-                        "is_difficult": object()},
-        })
+        self.info = types.SimpleNamespace(
+            features={
+                "image": object(),
+                "objects": {
+                    "bbox": object(),
+                    "label": _FakeClassLabel(["cat", "dog"]),
+                    "is_difficult": object(),
+                },
+            }
+        )
 
     def as_data_source(self, split):
         return [
-            {"image": np.full((20, 40, 1), 9, np.uint8),
-             "objects": {"bbox": np.array([[0.1, 0.25, 0.5, 1.0], [0, 0, 0.5, 0.5]], np.float32),
-                         "label": np.array([1, 0]), "is_difficult": np.array([False, True])}},
-            {"image": np.zeros((10, 10, 3), np.uint8),
-             "objects": {"bbox": np.zeros((1, 4), np.float32), "label": np.array([0]),
-                         "is_difficult": np.array([False])}},
+            {
+                "image": np.full((20, 40, 1), 9, np.uint8),
+                "objects": {
+                    "bbox": np.array([[0.1, 0.25, 0.5, 1.0], [0, 0, 0.5, 0.5]], np.float32),
+                    "label": np.array([1, 0]),
+                    "is_difficult": np.array([False, True]),
+                },
+            },
+            {
+                "image": np.zeros((10, 10, 3), np.uint8),
+                "objects": {
+                    "bbox": np.zeros((1, 4), np.float32),
+                    "label": np.array([0]),
+                    "is_difficult": np.array([False]),
+                },
+            },
         ]
 
 
 def test_tfds_source_with_fake_tfds(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets",
-                        types.SimpleNamespace(builder=_FakeBuilder))
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.SimpleNamespace(builder=_FakeBuilder))
     from retinanet_jax.data.tfds_source import TfdsSource
 
     src = TfdsSource("voc/2007", "train")
@@ -360,9 +387,12 @@ def test_tfds_coco_and_voc_with_mock_data():
     tfds = pytest.importorskip("tensorflow_datasets")
     from retinanet_jax.data.tfds_source import COCO_CATEGORY_IDS, TfdsSource
 
-    coco = [_tfds_example(42, (40, 60), [[0.25, 0.5, 0.75, 1.0], [0.0, 0.0, 0.5, 0.5]], [0, 79],
-                          is_crowd=[False, True]),
-            _tfds_example(7, (30, 20), np.zeros((0, 4)), [], is_crowd=[])]
+    coco = [
+        _tfds_example(
+            42, (40, 60), [[0.25, 0.5, 0.75, 1.0], [0.0, 0.0, 0.5, 0.5]], [0, 79], is_crowd=[False, True]
+        ),
+        _tfds_example(7, (30, 20), np.zeros((0, 4)), [], is_crowd=[]),
+    ]
     with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: coco):
         src = TfdsSource("coco/2017", "validation")
         assert len(src) == 2 and len(src.class_names) == 80  # names: label.txt, absent in mocks
@@ -375,8 +405,16 @@ def test_tfds_coco_and_voc_with_mock_data():
         assert src[1]["boxes"].shape == (0, 4) and src[1]["image_id"] == 7
         assert TfdsSource("coco/2017", "validation", keep_crowd=True)[0]["labels"].tolist() == [0, 79]
 
-    voc = [_tfds_example(0, (50, 50), [[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.4, 0.9]], [14, 6],
-                         is_difficult=[False, True], is_truncated=[False, False])]
+    voc = [
+        _tfds_example(
+            0,
+            (50, 50),
+            [[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.4, 0.9]],
+            [14, 6],
+            is_difficult=[False, True],
+            is_truncated=[False, False],
+        )
+    ]
     with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: voc):
         src = TfdsSource("voc/2007", "test")
         assert len(src.class_names) == 20 and src.label_to_category_id == list(range(20))
@@ -387,19 +425,76 @@ def test_tfds_coco_and_voc_with_mock_data():
         assert kept["difficult"].tolist() == [False, True]
 
 
+def _load_all(src):
+    """(index -> example for the records that load, index -> DataError message for the rest)."""
+    loaded, refused = {}, {}
+    for i in range(len(src)):
+        try:
+            loaded[i] = src[i]
+        except DataError as e:
+            refused[i] = str(e)
+    return loaded, refused
+
+
 def test_tfds_random_mock_data_reads_or_names_the_record():
-    """tfds's own random examples: each is read, or rejected naming dataset, split and index."""
+    """tfds's own random examples: each is read, or rejected naming dataset, split and index.
+
+    tfds's random COCO records draw every per-object field's length independently, so all four
+    are corrupt and refused (exact messages). Records 1 and 3 repaired by hand (fields cut to a
+    common length, bbox corners ordered) then load with exactly the boxes computed here from
+    the raw record, while 0 and 2 stay refused."""
     tfds = pytest.importorskip("tensorflow_datasets")
     from retinanet_jax.data.tfds_source import TfdsSource
 
+    def lengths(raw):
+        return {
+            k: len(
+                np.asarray(raw["objects"][k]).reshape(-1, 4)
+                if k == "bbox"
+                else np.asarray(raw["objects"][k]).reshape(-1)
+            )
+            for k in ("bbox", "is_crowd", "label")
+        }
+
+    def message(i, raw):
+        return f"tfds coco/2017[train] index {i}: objects fields have different lengths {lengths(raw)}"
+
     with tfds.testing.mock_data(num_examples=4):
         src = TfdsSource("coco/2017", "train", on_bad_record="drop")
-        for i in range(len(src)):
-            try:
-                ex = src[i]
-            except DataError as e:
-                assert f"tfds coco/2017[train] index {i}: objects fields have different lengths" in str(e)
-                continue
-            h, w = ex["image"].shape[:2]
-            assert ex["image"].dtype == np.uint8 and ex["image"].shape[2] == 3
-            assert np.all(ex["boxes"][:, 2] <= w) and np.all(ex["boxes"][:, 3] <= h)
+        raws = [src._data[i] for i in range(4)]
+        loaded, refused = _load_all(src)
+    assert all(len(set(lengths(r).values())) > 1 for r in raws)  # what tfds generates
+    assert loaded == {} and refused == {i: message(i, raws[i]) for i in range(4)}
+
+    def repaired(raw):
+        objects = {k: np.asarray(v) for k, v in raw["objects"].items()}
+        n = min(len(v) for v in objects.values())
+        objects = {k: v[:n] for k, v in objects.items()}
+        b = objects["bbox"]  # [ymin, xmin, ymax, xmax], normalized
+        objects["bbox"] = np.stack(
+            [
+                np.minimum(b[:, 0], b[:, 2]),
+                np.minimum(b[:, 1], b[:, 3]),
+                np.maximum(b[:, 0], b[:, 2]),
+                np.maximum(b[:, 1], b[:, 3]),
+            ],
+            1,
+        )
+        return {**raw, "objects": objects}
+
+    mixed = [raws[0], repaired(raws[1]), raws[2], repaired(raws[3])]
+    with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: mixed):
+        loaded, refused = _load_all(TfdsSource("coco/2017", "train", on_bad_record="drop"))
+    assert sorted(loaded) == [1, 3]
+    assert refused == {0: message(0, raws[0]), 2: message(2, raws[2])}
+    for i, ex in loaded.items():
+        raw = mixed[i]
+        h, w = np.asarray(raw["image"]).shape[:2]
+        keep = ~raw["objects"]["is_crowd"].astype(bool)
+        b = raw["objects"]["bbox"][keep].astype(np.float32)
+        want = np.stack([b[:, 1] * w, b[:, 0] * h, b[:, 3] * w, b[:, 2] * h], 1).astype(np.float32)
+        assert keep.sum() > 0 and ex["image_id"] == int(raw["image/id"])
+        assert ex["image"].dtype == np.uint8 and ex["image"].shape == (h, w, 3)
+        np.testing.assert_array_equal(ex["image"], np.asarray(raw["image"]))
+        np.testing.assert_allclose(ex["boxes"], want, rtol=1e-6)
+        assert ex["labels"].tolist() == raw["objects"]["label"][keep].tolist()

@@ -11,16 +11,19 @@ from retinanet_jax.data.errors import DataError
 from retinanet_jax.imageprep import geometry
 
 
-@pytest.mark.parametrize("hw, min_size, max_size", [
-    ((480, 640), 800, 1333),   # COCO landscape: upscale
-    ((640, 427), 800, 1333),   # portrait
-    ((333, 500), 800, 1333),
-    ((100, 1000), 800, 1333),  # max_size binds
-    ((1500, 1500), 800, 1333),  # downscale
-    ((375, 500), 608, 1333),   # a multi-scale min_size
-    ((256, 256), 512, 853),
-    ((1, 7), 800, 1333),
-])
+@pytest.mark.parametrize(
+    "hw, min_size, max_size",
+    [
+        ((480, 640), 800, 1333),  # COCO landscape: upscale
+        ((640, 427), 800, 1333),  # portrait
+        ((333, 500), 800, 1333),
+        ((100, 1000), 800, 1333),  # max_size binds
+        ((1500, 1500), 800, 1333),  # downscale
+        ((375, 500), 608, 1333),  # a multi-scale min_size
+        ((256, 256), 512, 853),
+        ((1, 7), 800, 1333),
+    ],
+)
 def test_resize_matches_torchvision(hw, min_size, max_size):
     tv = GeneralizedRCNNTransform(min_size, max_size, [0.0] * 3, [1.0] * 3).eval()
     rng = np.random.default_rng(0)
@@ -28,8 +31,10 @@ def test_resize_matches_torchvision(hw, min_size, max_size):
     x1y1 = rng.uniform(0, 0.5, (5, 2)) * [w, h]
     boxes = np.concatenate([x1y1, x1y1 + rng.uniform(0.1, 0.5, (5, 2)) * [w, h]], 1)
     boxes = boxes.astype(np.float32)
-    images, targets = tv([torch.zeros(3, h, w)], [{"boxes": torch.from_numpy(boxes),
-                                                  "labels": torch.zeros(5, dtype=torch.int64)}])
+    images, targets = tv(
+        [torch.zeros(3, h, w)],
+        [{"boxes": torch.from_numpy(boxes), "labels": torch.zeros(5, dtype=torch.int64)}],
+    )
     expected_hw = tuple(images.image_sizes[0])
     assert geometry.resized_size(hw, min_size, max_size) == expected_hw
     ours = transforms.resize_boxes(boxes, hw, expected_hw)
@@ -92,13 +97,22 @@ def test_pad_boxes():
 def test_train_transform_resizes_flips_and_pads():
     image = np.zeros((30, 40, 3), np.uint8)
     image[:, :20] = 255  # left half white
-    example = {"image": image, "boxes": np.array([[0, 0, 20, 30]], np.float32),
-               "labels": np.array([1], np.int32), "image_id": 5}
+    example = {
+        "image": image,
+        "boxes": np.array([[0, 0, 20, 30]], np.float32),
+        "labels": np.array([1], np.int32),
+        "image_id": 5,
+    }
     seen = set()
     for seed in range(12):
-        out = transforms.train_transform(example, np.random.default_rng(seed),
-                                         min_sizes=(45, 60), max_size=100, canvas_hw=(64, 96),
-                                         max_boxes=3)
+        out = transforms.train_transform(
+            example,
+            np.random.default_rng(seed),
+            min_sizes=(45, 60),
+            max_size=100,
+            canvas_hw=(64, 96),
+            max_boxes=3,
+        )
         h, w = out["image_size"]
         assert (h, w) in {(45, 60), (60, 80)}
         assert out["image"].shape == (64, 96, 3)

@@ -4,15 +4,16 @@ retinanet_resnet50_fpn (v1) and _v2 models equal torchvision's ``model(images)``
 import numpy as np
 import pytest
 import torch
+from detection_utils import count_matches
 from PIL import Image
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.transforms.functional import to_tensor
+from tv_utils import make_jax_from_tv
 
-from retinanet_jax.inference.predict import predict
 from retinanet_jax.imageprep.convert import to_uint8_rgb
 from retinanet_jax.imageprep.geometry import batch_canvas, resized_size
 from retinanet_jax.imageprep.normalize import IMAGENET_MEAN, IMAGENET_STD, resize_normalize_pad
-from tests.tv_utils import make_jax_from_tv
+from retinanet_jax.inference.predict import predict
 
 # Not multiples of 32, landscape / portrait / square.
 SIZES = [(300, 450), (333, 250), (256, 256)]
@@ -53,36 +54,6 @@ def test_preprocessing_equals_generalized_rcnn_transform(min_size, max_size):
     np.testing.assert_allclose(np.asarray(batch), want, atol=1e-5, rtol=0)
 
 
-def box_iou(a, b):
-    lt = np.maximum(a[:, None, :2], b[None, :, :2])
-    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)
-    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=-1)
-    return inter / np.maximum(area(a)[:, None] + area(b)[None, :] - inter, 1e-9)
-
-
-def count_matches(ref, got, iou_min=0.99, score_tol=1e-3, coord_tol=0.05):
-    """Greedy one-to-one matching of torchvision's detections (in score order) to ours: same
-    label, IoU >= iou_min, |score difference| <= score_tol. Returns the number matched.
-
-    Boxes clipped at the image border can have zero width or height (IoU undefined): those
-    match when every coordinate is within ``coord_tol`` pixels."""
-    if len(ref["scores"]) == 0 or len(got["scores"]) == 0:
-        return 0
-    close = np.abs(ref["boxes"][:, None, :] - got["boxes"][None, :, :]).max(-1) <= coord_tol
-    ok = (((box_iou(ref["boxes"], got["boxes"]) >= iou_min) | close)
-          & (ref["labels"][:, None] == got["labels"][None, :])
-          & (np.abs(ref["scores"][:, None] - got["scores"][None, :]) <= score_tol))
-    used = np.zeros(len(got["scores"]), bool)
-    matched = 0
-    for i in range(len(ref["scores"])):
-        cand = np.flatnonzero(ok[i] & ~used)
-        if len(cand):
-            used[cand[0]] = True
-            matched += 1
-    return matched
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_detections_match_torchvision(variant):
@@ -96,8 +67,15 @@ def test_detections_match_torchvision(variant):
     with torch.no_grad():
         ref = [{k: v.numpy() for k, v in d.items()} for d in tv(torch_inputs(images))]
     # One batch, as torchvision batched them: same canvas, hence same anchors and padding.
-    got = predict(model, variables, images, min_size=MIN_SIZE, max_size=MAX_SIZE, batch_size=len(images),
-                  detections_per_img=DETECTIONS)
+    got = predict(
+        model,
+        variables,
+        images,
+        min_size=MIN_SIZE,
+        max_size=MAX_SIZE,
+        batch_size=len(images),
+        detections_per_img=DETECTIONS,
+    )
     total = sum(len(r["scores"]) for r in ref)
     assert total > 3000, f"too few torchvision detections ({total}) for a meaningful comparison"
     matched = sum(count_matches(r, g) for r, g in zip(ref, got))

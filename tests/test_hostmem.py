@@ -22,24 +22,28 @@ def test_env_adds_tunable_once_and_respects_opt_out():
     assert hostmem.hugepage_env({}, (2, 36), False) is None  # THP "never"
 
 
-@pytest.mark.skipif(hostmem.hugepage_env(os.environ, hostmem._glibc_version(),
-                                         hostmem._thp_available()) is None
-                    and hostmem.OPT_OUT not in os.environ,
-                    reason="no glibc >= 2.35 with transparent huge pages here")
+@pytest.mark.skipif(
+    hostmem.hugepage_env(os.environ, hostmem._glibc_version(), hostmem._thp_available()) is None
+    and hostmem.OPT_OUT not in os.environ,
+    reason="no glibc >= 2.35 with transparent huge pages here",
+)
 def test_reexec_keeps_interpreter_flags_and_arguments(tmp_path):
     script = tmp_path / "child.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import os, sys
         sys.path.insert(0, sys.argv[1])
         from retinanet_jax.backends.cpu import hostmem
         print("before", os.getpid(), flush=True)
         hostmem.reexec_with_hugepages()
         print("after", os.getpid(), os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], sys.flags.optimize)
-    """))
+    """)
+    )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", hostmem.OPT_OUT)}
-    out = subprocess.run([sys.executable, "-O", str(script), root, "x y"], env=env,
-                         capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [sys.executable, "-O", str(script), root, "x y"], env=env, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     # One "before" per run of the script: the original process and its re-executed self.
     assert [line.split()[0] for line in out] == ["before", "before", "after"]
     pid = out[0].split()[1]

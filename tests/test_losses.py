@@ -38,12 +38,16 @@ def _random_logits_targets(seed, shape=(64, 7), scale=4.0):
     return logits, targets
 
 
-@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (0.5, 1.0), (-1, 2.0), (0.25, 0.0), (0.75, 1.5), (0.25, 3.0)])
+@pytest.mark.parametrize(
+    "alpha,gamma", [(0.25, 2.0), (0.5, 1.0), (-1, 2.0), (0.25, 0.0), (0.75, 1.5), (0.25, 3.0)]
+)
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 def test_focal_matches_torchvision(alpha, gamma, reduction):
     logits, targets = _random_logits_targets(0)
     ours = losses.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction=reduction)
-    ref = torchvision.ops.sigmoid_focal_loss(_t(logits), _t(targets), alpha=alpha, gamma=gamma, reduction=reduction)
+    ref = torchvision.ops.sigmoid_focal_loss(
+        _t(logits), _t(targets), alpha=alpha, gamma=gamma, reduction=reduction
+    )
     np.testing.assert_allclose(np.asarray(ours), ref.numpy(), rtol=RTOL, atol=ATOL)
 
 
@@ -144,9 +148,14 @@ def test_smooth_l1_matches_torch(beta, reduction):
     rng = np.random.default_rng(7)
     a, b = (rng.standard_normal((2, 50, 4)) * 1.5).astype(np.float32)
     a[0] = b[0]  # zero difference: gradient 0 in both (torch sign(0) = 0)
-    fn = lambda x, y: losses.smooth_l1_loss(x, y, beta=beta, reduction=reduction)
+
+    def fn(x, y):
+        return losses.smooth_l1_loss(x, y, beta=beta, reduction=reduction)
+
     ours, g_ours = _jax_value_and_grad(fn, a, b)
-    ref, g_ref = _torch_value_and_grad(lambda x, y: F.smooth_l1_loss(x, y, beta=beta, reduction=reduction), a, b)
+    ref, g_ref = _torch_value_and_grad(
+        lambda x, y: F.smooth_l1_loss(x, y, beta=beta, reduction=reduction), a, b
+    )
     np.testing.assert_allclose(ours, ref, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(g_ours, g_ref, rtol=RTOL, atol=ATOL)
     assert np.all(np.isfinite(g_ours))
@@ -175,7 +184,10 @@ def test_giou_matches_torchvision(reduction):
     b2[:8] = b1[:8]  # identical boxes: loss 0
     b2[8:16] = b1[8:16] + np.float32(300.0)  # disjoint: loss > 1
     b2[16:20, 2] = b2[16:20, 0]  # zero-width boxes, eps keeps them finite
-    fn = lambda x, y: losses.giou_loss(x, y, reduction=reduction)
+
+    def fn(x, y):
+        return losses.giou_loss(x, y, reduction=reduction)
+
     ours, g_ours = _jax_value_and_grad(fn, b1, b2)
     ref, g_ref = _torch_value_and_grad(
         lambda x, y: torchvision.ops.generalized_box_iou_loss(x, y, reduction=reduction), b1, b2

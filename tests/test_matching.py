@@ -1,4 +1,5 @@
-"""retinanet_jax.objective.matching against torchvision's Matcher(0.5, 0.4, allow_low_quality_matches=True)."""
+"""retinanet_jax.objective.matching against torchvision's Matcher(0.5, 0.4,
+allow_low_quality_matches=True)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +9,8 @@ import torch
 import torchvision
 from torchvision.models.detection._utils import Matcher
 
-from retinanet_jax.ops.anchors import anchors_for_image
 from retinanet_jax.objective.matching import match_anchors
+from retinanet_jax.ops.anchors import anchors_for_image
 
 
 def tv_match(anchors, gt_boxes, fg=0.5, bg=0.4, low_quality=True):
@@ -124,8 +125,8 @@ def test_padding_invariance(junk):
     labels = np.arange(5, dtype=np.int32)
     results = []
     for n_pad in (0, 5, 95):
-        b, l = pad_gt(gt, labels, n_pad, rng if junk else None)
-        results.append(np.asarray(match_anchors(ANCHORS, b, l)))
+        b, lab = pad_gt(gt, labels, n_pad, rng if junk else None)
+        results.append(np.asarray(match_anchors(ANCHORS, b, lab)))
     np.testing.assert_array_equal(results[1], results[0])
     np.testing.assert_array_equal(results[2], results[0])
     np.testing.assert_array_equal(results[0], tv_match(ANCHORS, gt))
@@ -158,9 +159,9 @@ def test_batched_under_jit_equals_per_image():
     rng = np.random.default_rng(7)
     boxes, labels = [], []
     for g in (3, 0, 7):
-        b, l = pad_gt(random_boxes(rng, g, 140.0), rng.integers(0, 3, g), 10 - g, rng)
+        b, lab = pad_gt(random_boxes(rng, g, 140.0), rng.integers(0, 3, g), 10 - g, rng)
         boxes.append(b)
-        labels.append(l)
+        labels.append(lab)
     boxes, labels = np.stack(boxes), np.stack(labels)
     # The loss matches a batch as vmap(match_anchors) over images sharing one anchor set.
     batched = jax.jit(jax.vmap(match_anchors, in_axes=(None, 0, 0)))(jnp.asarray(ANCHORS), boxes, labels)

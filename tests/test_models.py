@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from tv_utils import make_jax_from_tv, nchw_to_nhwc, random_images, tv_head_outputs
 
+from retinanet_jax.interop.torchvision import backbone_from_torchvision, torch_key
 from retinanet_jax.models.fpn import upsample_nearest
 from retinanet_jax.models.heads import CLS_PRIOR_BIAS
 from retinanet_jax.models.resnet import RESNET_SPECS, BatchNorm, ResNet
 from retinanet_jax.models.retinanet import RetinaNet, frozen_param_mask
-from retinanet_jax.interop.torchvision import backbone_from_torchvision, torch_key
-from tests.tv_utils import make_jax_from_tv, nchw_to_nhwc, random_images, tv_head_outputs
 
 HEAD_ATOL = 1e-4  # the contract: head outputs within 1e-4 of torchvision's (f32)
 
@@ -189,7 +189,10 @@ def test_batchnorm_matches_torch_batchnorm2d_and_frozen():
         tbn.running_mean.normal_()
         tbn.running_var.uniform_(0.5, 2)
     variables = {
-        "params": {"scale": jnp.asarray(tbn.weight.detach().numpy()), "bias": jnp.asarray(tbn.bias.detach().numpy())},
+        "params": {
+            "scale": jnp.asarray(tbn.weight.detach().numpy()),
+            "bias": jnp.asarray(tbn.bias.detach().numpy()),
+        },
         "batch_stats": {
             "mean": jnp.asarray(tbn.running_mean.numpy()),
             "var": jnp.asarray(tbn.running_var.numpy()),
@@ -215,8 +218,12 @@ def test_batchnorm_matches_torch_batchnorm2d_and_frozen():
     ref_train = nchw_to_nhwc(tbn(x).detach())
     y, upd = bn.apply(variables, xj, train=True, mutable=["batch_stats"])
     np.testing.assert_allclose(np.asarray(y), ref_train, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(np.asarray(upd["batch_stats"]["mean"]), tbn.running_mean.numpy(), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(upd["batch_stats"]["var"]), tbn.running_var.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(upd["batch_stats"]["mean"]), tbn.running_mean.numpy(), rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        np.asarray(upd["batch_stats"]["var"]), tbn.running_var.numpy(), rtol=1e-6, atol=1e-6
+    )
     assert int(upd["batch_stats"]["num_batches_tracked"]) == 5 == int(tbn.num_batches_tracked)
 
 
@@ -254,7 +261,9 @@ def test_frozen_param_mask_matches_torchvision_requires_grad(n):
 
     with torch.device("meta"):
         tv_body = torchvision.models.resnet50()  # BatchNorm2d: BN affine params are trainable
-        backbone = _resnet_fpn_extractor(tv_body, n, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+        backbone = _resnet_fpn_extractor(
+            tv_body, n, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
+        )
     tv_frozen = {f"backbone.{k}": not p.requires_grad for k, p in backbone.named_parameters()}
 
     model = RetinaNet(frozen_bn=False)
@@ -268,7 +277,9 @@ def test_frozen_param_mask_matches_torchvision_requires_grad(n):
             is_bn_affine = "body" in k and (".bn" in k or "downsample.1" in k)
             assert m == ours[k] or (frozen_bn and is_bn_affine and ours[k]), (k, m, ours[k], frozen_bn)
         if frozen_bn:  # FrozenBatchNorm2d: affine parameters are buffers, never trained
-            bn_keys = [k for k in ours if k.startswith("backbone.body.") and (".bn" in k or "downsample.1" in k)]
+            bn_keys = [
+                k for k in ours if k.startswith("backbone.body.") and (".bn" in k or "downsample.1" in k)
+            ]
             assert len(bn_keys) == 2 * 53 and all(ours[k] for k in bn_keys)
     assert sum(tv_frozen.values()) == {0: 159, 3: 33, 5: 0}[n]
 
@@ -295,15 +306,20 @@ def test_bfloat16_conv_then_batchnorm_rounds_once():
     v["params"]["bn"]["scale"] = jnp.asarray(rng.uniform(0.5, 3, size=128), jnp.float32)
     got = np.asarray(m.apply(v, x).astype(jnp.float32))
     w = v["params"]["conv"]["kernel"].astype(jnp.bfloat16).astype(jnp.float32)
-    y = jax.lax.conv_general_dilated(x.astype(jnp.float32), w, (1, 1), ((1, 1), (1, 1)),
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                     precision=jax.lax.Precision.HIGHEST)
+    y = jax.lax.conv_general_dilated(
+        x.astype(jnp.float32),
+        w,
+        (1, 1),
+        ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision=jax.lax.Precision.HIGHEST,
+    )
     bn = v["params"]["bn"]["scale"] * jax.lax.rsqrt(v["batch_stats"]["bn"]["var"] + 1e-5)
     want = y * bn + (v["params"]["bn"]["bias"] - v["batch_stats"]["bn"]["mean"] * bn)
     want = np.asarray(want.astype(jnp.bfloat16).astype(jnp.float32))
     # f32 sums in another order can move a value across a bf16 rounding boundary, rarely.
     assert (got == want).mean() > 0.99
-    np.testing.assert_allclose(got, want, rtol=2 ** -7, atol=0)
+    np.testing.assert_allclose(got, want, rtol=2**-7, atol=0)
 
 
 def test_bfloat16_compute_close_to_float32():
@@ -320,7 +336,6 @@ def test_bfloat16_compute_close_to_float32():
         # bf16 keeps ~3 significant digits; 60+ layers -> errors of a few % of the output scale.
         assert np.abs(a - b).mean() < 0.03 * np.abs(b).std(), key
         assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.995, key
-
 
 
 def test_bfloat16_inference_keeps_the_residual_stream_and_head_activations_float32():
@@ -350,7 +365,8 @@ def test_bfloat16_bias_gradients_are_summed_in_float32():
     """Under bf16 compute the FPN and head convs add their bias in f32, so its gradient (a sum
     over batch*space) is accumulated in f32. Summed as bf16, a sum of same-sign terms lost its
     small terms once the partial sum grew: 20-60% off the f32 gradient here."""
-    from retinanet_jax.models import fpn as F_, heads as H
+    from retinanet_jax.models import fpn as F_
+    from retinanet_jax.models import heads as H
 
     rng = np.random.default_rng(0)
     feats = [jnp.asarray(rng.normal(size=(2, s, s, 64)), jnp.float32) for s in (32, 16, 8)]
@@ -367,6 +383,7 @@ def test_bfloat16_bias_gradients_are_summed_in_float32():
             def loss(p):
                 out = jax.tree.leaves(module.clone(dtype=dtype).apply(p, inputs))
                 return sum(jnp.sum(o.astype(jnp.float32) * r) for o, r in zip(out, rs))
+
             g = flax.traverse_util.flatten_dict(jax.grad(loss)(v), sep="/")
             return {k: np.asarray(b, np.float32) for k, b in g.items() if k.endswith("bias")}
 
@@ -374,9 +391,11 @@ def test_bfloat16_bias_gradients_are_summed_in_float32():
         return {k: float(np.abs(got[k] - w).max() / np.abs(w).max()) for k, w in want.items()}
 
     errors = {}
-    for name, module in [("v1", H.RetinaNetHead(num_classes=5, num_anchors=3)),
-                         ("v2", H.RetinaNetHead(num_classes=5, num_anchors=3, group_norm=True)),
-                         ("fpn", F_.FeaturePyramidNetwork(out_channels=64))]:
+    for name, module in [
+        ("v1", H.RetinaNetHead(num_classes=5, num_anchors=3)),
+        ("v2", H.RetinaNetHead(num_classes=5, num_anchors=3, group_norm=True)),
+        ("fpn", F_.FeaturePyramidNetwork(out_channels=64)),
+    ]:
         errors.update({f"{name}/{k}": e for k, e in bias_errors(module, feats).items()})
     # Biases: v1 towers' 5 convs each; v2 towers' 4 GroupNorms + final conv; FPN: 3 inner,
     # 3 layer, p6, p7.
@@ -393,8 +412,10 @@ def test_bfloat16_heads_give_float32_logits_and_deltas(variant):
 
     gn = variant == "v2"
     feats = [jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 32)), jnp.float32)]
-    for head in (H.RetinaNetClassificationHead(num_classes=5, group_norm=gn, dtype=jnp.bfloat16),
-                 H.RetinaNetRegressionHead(group_norm=gn, dtype=jnp.bfloat16)):
+    for head in (
+        H.RetinaNetClassificationHead(num_classes=5, group_norm=gn, dtype=jnp.bfloat16),
+        H.RetinaNetRegressionHead(group_norm=gn, dtype=jnp.bfloat16),
+    ):
         v = head.init(jax.random.PRNGKey(0), feats)
         out = np.asarray(head.apply(v, feats))
         assert out.dtype == np.float32

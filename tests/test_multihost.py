@@ -13,6 +13,10 @@ runs, in order (the tiny config, 64 px images, global batch 8):
   D  1 process continuing a copy of B's workdir (the 2-process checkpoint) from 4 to 6;
   E  1 process, 4 devices as (data 2, model 2), from scratch to step 4.
 
+Every run computes in float64 (``JAX_ENABLE_X64=1``, ``model.compute_dtype="float64"``) with
+the tiny config's own recipe (AdamW, per-step cosine), so that the comparisons can be tight on
+every leaf whatever the order of the sums (see OVERRIDES).
+
 Compilation dominates the cost, so B reuses A's compilations and D and E reuse C's through
 persistent compilation caches.
 """
@@ -24,7 +28,6 @@ import dataclasses
 import json
 import os
 import re
-import runpy
 import shutil
 import socket
 import subprocess
@@ -32,6 +35,7 @@ import sys
 import time
 import types
 
+import config_utils
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -51,30 +55,35 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "multihost_worker.py")
 HEARTBEAT = 10  # seconds; the production default is 60 (DistributedOptions.heartbeat_timeout)
 # The tiny config, lighter: frozen ResNet stages (its trainable BatchNorm still normalizes with
-# global batch statistics), no evaluation unless asked. SGD instead of the config's AdamW:
-# AdamW divides by sqrt(v), so float-order noise in near-zero gradients (biases feeding a
-# GroupNorm) becomes lr-sized differences (measured: 1.5e-5 on FPN biases of ~3e-3 after 4
-# steps); with SGD the runs agree to float precision and the comparison below can be tight.
-OVERRIDES = {"model.trainable_backbone_layers": 0, "checkpoint.every_steps": 2,
-             "log_every_steps": 1, "input.worker_count": 0, "eval.enabled": False,
-             "optim.optimizer": "sgd", "optim.base_lr": 0.02,
-             # tiny.py inherits shapes' per-step cosine; with it the comparisons below differ
-             # beyond 1e-5 on an FPN bias (open question, see the session note): constant lr.
-             "optim.schedule_unit": "epoch"}
-EVAL = {"eval.enabled": True, "eval.every_steps": 100,
-        "eval.score_thresh": 0.0}  # untrained scores sit below 0.05: keep every box
+# global batch statistics), no evaluation unless asked; its recipe as shipped (AdamW, warmup,
+# per-step cosine, clipping), in float64. Why float64: in float32 the 2-process and 1-process
+# programs differ by rounding (the order of the sums over devices and processes), which on
+# most leaves is ~1e-7 of their scale, but some gradients are cancellation noise (the FPN
+# biases: a near-constant shift that the GroupNorm downstream nearly removes), so their float32
+# values are mostly rounding error and differ between the programs by tens of percent; Adam
+# divides by sqrt(v) and turns that into lr-sized updates (measured on another machine:
+# inner_blocks_0_0 bias 28/32 elements beyond 1e-5, 14.6% of its scale after 6 steps). In
+# float64 the same rounding is 2**29 times smaller: docs/performance.md, "Multi-device equality
+# (float64)", and tests/test_training.py's float64 tests.
+OVERRIDES = {
+    "model.trainable_backbone_layers": 0,
+    "checkpoint.every_steps": 2,
+    "log_every_steps": 1,
+    "input.worker_count": 0,
+    "eval.enabled": False,
+    "model.compute_dtype": "float64",
+}
+X64 = {"JAX_ENABLE_X64": "1"}  # float64 in the worker processes (train.py)
+EVAL = {
+    "eval.enabled": True,
+    "eval.every_steps": 100,
+    "eval.score_thresh": 0.0,
+}  # untrained scores sit below 0.05: keep every box
 FATAL = "Terminating process because the JAX distributed service detected fatal errors"
 
 
 def tiny_config(**overrides):
-    c = runpy.run_path(os.path.join(ROOT, "configs", "tiny.py"))["get_config"]()
-    for key, value in {**OVERRIDES, **overrides}.items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return config_utils.tiny_config(**{**OVERRIDES, **overrides})
 
 
 @dataclasses.dataclass
@@ -91,8 +100,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(workdir, logdir, *, steps: int, cache: str, overrides=None, env=None,
-           processes: int = 2, devices: int = 2, timeout: float = 420) -> Run:
+def launch(
+    workdir,
+    logdir,
+    *,
+    steps: int,
+    cache: str,
+    overrides=None,
+    env=None,
+    processes: int = 2,
+    devices: int = 2,
+    timeout: float = 1200,
+) -> Run:
     """Runs ``train.py`` as ``processes`` processes with ``devices`` fake CPU devices each."""
     port = _free_port()
     os.makedirs(logdir, exist_ok=True)
@@ -100,19 +119,35 @@ def launch(workdir, logdir, *, steps: int, cache: str, overrides=None, env=None,
     procs, files = [], []
     for i in range(processes):
         # Override the pytest process's 8 devices (conftest) for the child.
-        proc_env = {**os.environ, **(env or {}), "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-                    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-                    "JAX_COMPILATION_CACHE_DIR": cache,  # B reuses A's compilations
-                    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
-        args = [sys.executable, WORKER, "--config=configs/tiny.py", *config_flags,
-                f"--config.num_steps={steps}", f"--workdir={workdir}",
-                f"--coordinator_address=localhost:{port}", f"--num_processes={processes}",
-                f"--process_id={i}", f"--heartbeat_timeout={HEARTBEAT}",
-                "--shutdown_timeout=30", "--initialization_timeout=120"]
+        proc_env = {
+            **os.environ,
+            **X64,
+            **(env or {}),
+            "JAX_PLATFORMS": "cpu",
+            "PYTHONUNBUFFERED": "1",
+            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_COMPILATION_CACHE_DIR": cache,  # B reuses A's compilations
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+        }
+        args = [
+            sys.executable,
+            WORKER,
+            "--config=configs/tiny.py",
+            *config_flags,
+            f"--config.num_steps={steps}",
+            f"--workdir={workdir}",
+            f"--coordinator_address=localhost:{port}",
+            f"--num_processes={processes}",
+            f"--process_id={i}",
+            f"--heartbeat_timeout={HEARTBEAT}",
+            "--shutdown_timeout=30",
+            "--initialization_timeout=120",
+        ]
         files.append(open(os.path.join(logdir, f"process{i}.log"), "w"))
-        procs.append(subprocess.Popen(args, env=proc_env, cwd=ROOT, stdout=files[-1],
-                                      stderr=subprocess.STDOUT))
+        procs.append(
+            subprocess.Popen(args, env=proc_env, cwd=ROOT, stdout=files[-1], stderr=subprocess.STDOUT)
+        )
     start = time.time()
     exit_times: list = [None] * processes
     try:
@@ -130,8 +165,10 @@ def launch(workdir, logdir, *, steps: int, cache: str, overrides=None, env=None,
             f.close()
     logs = [open(f.name).read() for f in files]
     if None in exit_times:
-        pytest.fail(f"processes still running after {timeout} s (killed):\n"
-                    + "\n".join(f"--- process {i}\n{log[-3000:]}" for i, log in enumerate(logs)))
+        pytest.fail(
+            f"processes still running after {timeout} s (killed):\n"
+            + "\n".join(f"--- process {i}\n{log[-3000:]}" for i, log in enumerate(logs))
+        )
     return Run([p.returncode for p in procs], logs, exit_times, time.time() - start)
 
 
@@ -149,12 +186,25 @@ def _timed(fn, *args):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multihost")
-    out = types.SimpleNamespace(two=str(base / "two_processes"), one=str(base / "one_process"),
-                                continued=str(base / "continued"), model=str(base / "model_axis"))
+    out = types.SimpleNamespace(
+        two=str(base / "two_processes"),
+        one=str(base / "one_process"),
+        continued=str(base / "continued"),
+        model=str(base / "model_axis"),
+    )
     cache = str(base / "xla_cache_2_processes")
-    out.killed = launch(out.two, base / "logs_a", steps=4, cache=cache, overrides=EVAL, env={
-        "MULTIHOST_KILL_PROCESS": "1", "MULTIHOST_KILL_AT_STEP": "3",
-        "MULTIHOST_KILL_AFTER": os.path.join(out.two, "checkpoints", "2")})
+    out.killed = launch(
+        out.two,
+        base / "logs_a",
+        steps=4,
+        cache=cache,
+        overrides=EVAL,
+        env={
+            "MULTIHOST_KILL_PROCESS": "1",
+            "MULTIHOST_KILL_AT_STEP": "3",
+            "MULTIHOST_KILL_AFTER": os.path.join(out.two, "checkpoints", "2"),
+        },
+    )
     out.checkpoints_after_kill = sorted(os.listdir(os.path.join(out.two, "checkpoints")))
     killed_at = re.search(r"MULTIHOST_KILL: .* at ([0-9.]+)", out.killed.logs[1])
     out.survivor_wait = out.killed.exit_times[0] - float(killed_at.group(1)) if killed_at else None
@@ -162,16 +212,26 @@ def runs(tmp_path_factory):
     check_ok(out.resumed)
     seconds = {"A": round(out.killed.seconds, 1), "B": round(out.resumed.seconds, 1)}
     # 1 process: train.py would run train_and_evaluate just so; here it reuses compilations.
-    seconds["C"] = _timed(train_loop.train_and_evaluate,
-                          tiny_config(num_steps=6, **{"mesh.num_devices": 4}), out.one)
-    shutil.copytree(out.two, out.continued)
-    seconds["D"] = _timed(train_loop.train_and_evaluate,
-                          tiny_config(num_steps=6, **{"mesh.num_devices": 4}), out.continued)
-    seconds["E"] = _timed(train_loop.train_and_evaluate,
-                          tiny_config(num_steps=4, **{"mesh.num_devices": 4, "mesh.model": 2}),
-                          out.model)
-    print(f"multihost runs, seconds: {seconds}; survivor stopped {out.survivor_wait} s "
-          "after the kill")
+    # float64 as in the workers: jax_enable_x64 for this process (not a thread-local context:
+    # orbax saves and restores in threads of its own), restored after.
+    x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        seconds["C"] = _timed(
+            train_loop.train_and_evaluate, tiny_config(num_steps=6, **{"mesh.num_devices": 4}), out.one
+        )
+        shutil.copytree(out.two, out.continued)
+        seconds["D"] = _timed(
+            train_loop.train_and_evaluate, tiny_config(num_steps=6, **{"mesh.num_devices": 4}), out.continued
+        )
+        seconds["E"] = _timed(
+            train_loop.train_and_evaluate,
+            tiny_config(num_steps=4, **{"mesh.num_devices": 4, "mesh.model": 2}),
+            out.model,
+        )
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+    print(f"multihost runs, seconds: {seconds}; survivor stopped {out.survivor_wait} s after the kill")
     return out
 
 
@@ -200,26 +260,38 @@ def train_losses(workdir: str) -> dict[int, float]:
     return {r["step"]: r["train/loss"] for r in metric_lines(workdir) if "train/loss" in r}
 
 
-def assert_states_close(a: dict, b: dict, tol: float = 1e-5) -> None:
-    """|a - b| <= tol * (|b| + max|leaf of b|) + tol**2 * max|b|, per leaf.
+# Tolerance of the float64 comparisons, relative to each tensor's scale; derived as in
+# tests/test_training.py (F64_TOL): two orders of a sum of n terms differ by <= ~log2(n)
+# roundings of the terms' magnitude (13 for 8192 pixels of a batch reduction), the
+# cancellation ratio sum|terms| / |sum| reaches ~1e4 on the noise-only leaves, relative errors
+# add over ~100 dependent operations per step and over 6 steps:
+# 13 * 1.1e-16 * 1e4 * 100 * 6 = 9e-9. Measured: see the tests.
+F64_TOL = 1e-8
+# The logged losses are float32 (the loop's metric sums): equal up to a rounding or two.
+LOSS_RTOL = 2**-22
+
+
+def assert_states_close(a: dict, b: dict, tol: float = F64_TOL) -> None:
+    """|a - b| <= tol * (|b| + max|leaf of b|) + tol**2 * max|b|, per leaf; float leaves are
+    float64 (the runs computed in float64).
 
     Relative to each tensor's scale, since entries near zero have no meaningful elementwise
     relative error; the last term is a floor relative to the whole tree, for tensors that
-    are float noise throughout (the momentum of a bias whose exact gradient is 0 holds
-    values ~1e-8 that differ by ~1e-12 with the summation order).
+    are float noise throughout (an optimizer moment of a parameter whose exact gradient is 0).
     """
     flat_a = jax.tree_util.tree_leaves_with_path(a)
     flat_b = jax.tree.leaves(b)
     assert len(flat_a) == len(flat_b)
     tree_max = max(float(np.max(np.abs(y), initial=0.0)) for y in flat_b)
     for (path, x), y in zip(flat_a, flat_b):
-        atol = tol * float(np.max(np.abs(y), initial=0.0)) + tol ** 2 * tree_max
+        if np.issubdtype(y.dtype, np.floating):
+            assert x.dtype == y.dtype == np.float64, (jax.tree_util.keystr(path), x.dtype)
+        atol = tol * float(np.max(np.abs(y), initial=0.0)) + tol**2 * tree_max
         np.testing.assert_allclose(x, y, rtol=tol, atol=atol, err_msg=jax.tree_util.keystr(path))
 
 
 def assert_moved(start: dict, end: dict, more_than: float) -> None:
-    moved = max(float(np.max(np.abs(a - b))) for a, b in
-                zip(jax.tree.leaves(end), jax.tree.leaves(start)))
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(end), jax.tree.leaves(start)))
     assert moved > more_than, moved
 
 
@@ -237,7 +309,8 @@ def test_a_killed_process_stops_the_others_within_the_heartbeat_timeout(runs):
     # and aborts it with jax's message. Both within the heartbeat timeout; never a hang.
     assert run.returncodes[0] != 0, survivor_log[-3000:]
     assert (FATAL in survivor_log and "stopped sending heartbeats" in survivor_log) or (
-        "process 0 of 2 failed" in survivor_log and "Gloo" in survivor_log), survivor_log[-3000:]
+        "process 0 of 2 failed" in survivor_log and "Gloo" in survivor_log
+    ), survivor_log[-3000:]
     assert "MULTIHOST_KILL" in victim_log
     # Measured: < 1 s when gloo reports the error, ~9 s when the heartbeat timeout (10 s) does.
     assert runs.survivor_wait < HEARTBEAT + 20, runs.survivor_wait
@@ -258,15 +331,14 @@ def test_two_processes_train_like_one_process_with_four_devices(runs):
     two, one = checkpoint_state(runs.two, 4), checkpoint_state(runs.one, 4)
     assert int(two["step"]) == int(one["step"]) == 4
     assert_moved(checkpoint_state(runs.one, 2)["params"], one["params"], 1e-3)  # real updates
-    # Same global batches, same init; only the order of the float32 sums over devices and
-    # processes differs (gloo all-reduce vs one process). Tolerance (assert_states_close):
-    # 1e-5 of each tensor's scale after 4 SGD steps; measured: < 1e-6 of each tree's largest
-    # entry, and > 1e-5 of a tensor's own scale only for the noise-only FPN bias (2e-8).
+    # Same global batches, same init; only the order of the float64 sums over devices and
+    # processes differs (gloo all-reduce vs one process). Tolerance: F64_TOL of each tensor's
+    # scale after 4 AdamW steps.
     for key in ("params", "frozen_params", "batch_stats", "opt_state"):
         assert_states_close(two[key], one[key])
     two_losses, one_losses = train_losses(runs.two), train_losses(runs.one)
     for step in (1, 2, 3, 4):
-        np.testing.assert_allclose(two_losses[step], one_losses[step], rtol=1e-5)
+        np.testing.assert_allclose(two_losses[step], one_losses[step], rtol=LOSS_RTOL)
 
 
 @pytest.mark.slow
@@ -318,11 +390,18 @@ def test_error_in_one_process_stops_the_others_within_the_heartbeat_timeout():
     """Deterministic version of the heartbeat path: the survivor is in no collective that
     could report the failure, so only the coordination service's heartbeats can stop it."""
     address = f"localhost:{_free_port()}"
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    procs = [subprocess.Popen([sys.executable, "-c", PEER, str(i), address], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PEER, str(i), address],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     try:
         out1 = procs[1].communicate(timeout=120)[0]
         failed_at = time.time()
@@ -352,28 +431,36 @@ def test_model_axis_gives_the_data_parallel_update(runs):
     assert all(spec == [] for spec in saved_partition_specs(runs.one, 4).values())
     sharded, data_only = checkpoint_state(runs.model, 4), checkpoint_state(runs.one, 4)
     # Splitting output channels over "model" leaves each output's arithmetic alone; batch
-    # reductions run over 2 shards instead of 4. Same tolerance and measurements as above.
+    # reductions run over 2 shards instead of 4. Same tolerances as above.
     for key in ("params", "frozen_params", "batch_stats", "opt_state"):
         assert_states_close(sharded[key], data_only[key])
     a, b = train_losses(runs.model), train_losses(runs.one)
     for step in (1, 2, 3, 4):
-        np.testing.assert_allclose(a[step], b[step], rtol=1e-5)
+        np.testing.assert_allclose(a[step], b[step], rtol=LOSS_RTOL)
 
 
 # ------------------------------------------------------------------- start-up decisions
 
 
-SLURM = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
-         "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}
+SLURM = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_STEP_NODELIST": "node[1-2]",
+    "SLURM_NTASKS": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_LOCALID": "0",
+}
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, None),
-    (SLURM, "slurm"),
-    ({**SLURM, "SLURM_NTASKS": "1"}, None),  # one task: a plain process
-    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1234", "OMPI_COMM_WORLD_SIZE": "4"}, "ompi"),
-    ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1234", "OMPI_COMM_WORLD_SIZE": "1"}, None),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, None),
+        (SLURM, "slurm"),
+        ({**SLURM, "SLURM_NTASKS": "1"}, None),  # one task: a plain process
+        ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1234", "OMPI_COMM_WORLD_SIZE": "4"}, "ompi"),
+        ({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1234", "OMPI_COMM_WORLD_SIZE": "1"}, None),
+    ],
+)
 def test_launcher_detection(env, expected):
     assert distributed.detect_launcher(env) == expected
 
@@ -386,10 +473,13 @@ def test_initialize_plan():
     assert distributed.plan("on", opts(), {}) == "--distributed=on"
     explicit = opts(coordinator_address="localhost:1234", num_processes=2, process_id=1)
     assert distributed.plan("auto", explicit, {}) == "explicit settings"
-    assert distributed.plan("auto", opts(num_processes=1, process_id=0,
-                                         coordinator_address="h:1"), {}) is None
-    assert distributed.plan("auto", opts(num_processes=2, process_id=0),
-                            {"JAX_COORDINATOR_ADDRESS": "h:1"}) == "explicit settings"
+    assert (
+        distributed.plan("auto", opts(num_processes=1, process_id=0, coordinator_address="h:1"), {}) is None
+    )
+    assert (
+        distributed.plan("auto", opts(num_processes=2, process_id=0), {"JAX_COORDINATOR_ADDRESS": "h:1"})
+        == "explicit settings"
+    )
     with pytest.raises(ValueError, match="set --num_processes, --process_id"):
         distributed.plan("auto", opts(coordinator_address="h:1"), {})
     with pytest.raises(ValueError, match=r"--process_id=2 must be in 0..1"):
@@ -408,15 +498,34 @@ def test_distributed_flags_map_to_options():
     assert distributed.DistributedOptions().heartbeat_timeout == 60
     fv = flags.FlagValues()
     distributed.define_flags(fv)
-    fv(["train.py", "--coordinator_address=10.0.0.1:8476", "--num_processes=4", "--process_id=3",
-        "--local_device_ids=0,1", "--heartbeat_timeout=30", "--distributed=on"])
-    assert distributed.from_flags(fv) == ("on", distributed.DistributedOptions(
-        coordinator_address="10.0.0.1:8476", num_processes=4, process_id=3,
-        local_device_ids=(0, 1), heartbeat_timeout=30))
+    fv(
+        [
+            "train.py",
+            "--coordinator_address=10.0.0.1:8476",
+            "--num_processes=4",
+            "--process_id=3",
+            "--local_device_ids=0,1",
+            "--heartbeat_timeout=30",
+            "--distributed=on",
+        ]
+    )
+    assert distributed.from_flags(fv) == (
+        "on",
+        distributed.DistributedOptions(
+            coordinator_address="10.0.0.1:8476",
+            num_processes=4,
+            process_id=3,
+            local_device_ids=(0, 1),
+            heartbeat_timeout=30,
+        ),
+    )
 
 
-OMPI = {"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1234", "OMPI_COMM_WORLD_SIZE": "4",
-        "OMPI_COMM_WORLD_RANK": "3"}
+OMPI = {
+    "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1234",
+    "OMPI_COMM_WORLD_SIZE": "4",
+    "OMPI_COMM_WORLD_RANK": "3",
+}
 
 
 def test_launcher_processes():
@@ -426,8 +535,10 @@ def test_launcher_processes():
     # Inside an srun step SLURM_STEP_NUM_TASKS is the step's size (an sbatch script's
     # SLURM_NTASKS is the allocation's).
     assert distributed.detect_launcher({**SLURM, "SLURM_STEP_NUM_TASKS": "1"}) is None
-    assert distributed.launcher_processes({**SLURM, "SLURM_NTASKS": "1",
-                                           "SLURM_STEP_NUM_TASKS": "8"}) == (1, 8)
+    assert distributed.launcher_processes({**SLURM, "SLURM_NTASKS": "1", "SLURM_STEP_NUM_TASKS": "8"}) == (
+        1,
+        8,
+    )
 
 
 @pytest.fixture
@@ -453,7 +564,8 @@ def test_cloud_tpu_detection(tpu_vm):
     # GKE: the worker list is in the environment (one entry per host of the slice).
     assert detect({"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3", "TPU_WORKER_ID": "2"}) == "tpu"
     assert distributed.launcher_processes(
-        {"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3", "TPU_WORKER_ID": "2"}) == (2, 4)
+        {"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3", "TPU_WORKER_ID": "2"}
+    ) == (2, 4)
     assert detect({"TPU_PROCESS_ADDRESSES": "10.0.0.1:8471"}) is None  # one host
     assert detect({"TPU_WORKER_HOSTNAMES": "w-0", "MEGASCALE_NUM_SLICES": "2"}) == "tpu"
     # GCE TPU VM: the worker list (and the multislice settings) come from the metadata server.
@@ -485,21 +597,42 @@ def test_no_cloud_tpu_detection_off_a_tpu_vm(monkeypatch):
     assert distributed._on_cloud_tpu_vm({"JAX_FORCE_TPU_INIT": "1"})
 
 
-@pytest.mark.parametrize("mode, env, options, expected_call, info", [
-    ("auto", {}, {}, None, (0, 1)),  # plain process: jax.distributed is left alone
-    ("off", SLURM, {}, None, (0, 1)),
-    ("auto", SLURM, {}, {"coordinator_address": None, "num_processes": None,
-                         "process_id": None}, (1, 2)),  # jax reads SLURM by itself
-    ("auto", OMPI, {}, {"num_processes": None}, (3, 4)),
-    ("auto", {"JAX_COORDINATOR_ADDRESS": "h:1"}, {"num_processes": 2, "process_id": 1},
-     {"coordinator_address": None, "num_processes": 2, "process_id": 1}, (1, 2)),
-    ("on", {}, {"coordinator_address": "h:1", "num_processes": 3, "process_id": 0,
-                "local_device_ids": (0, 1)},
-     {"coordinator_address": "h:1", "local_device_ids": [0, 1], "heartbeat_timeout_seconds": 60,
-      "shutdown_timeout_seconds": 120, "initialization_timeout": 300}, (0, 3)),
-])
-def test_initialize_calls_the_public_jax_api(monkeypatch, mode, env, options, expected_call,
-                                             info):
+@pytest.mark.parametrize(
+    "mode, env, options, expected_call, info",
+    [
+        ("auto", {}, {}, None, (0, 1)),  # plain process: jax.distributed is left alone
+        ("off", SLURM, {}, None, (0, 1)),
+        (
+            "auto",
+            SLURM,
+            {},
+            {"coordinator_address": None, "num_processes": None, "process_id": None},
+            (1, 2),
+        ),  # jax reads SLURM by itself
+        ("auto", OMPI, {}, {"num_processes": None}, (3, 4)),
+        (
+            "auto",
+            {"JAX_COORDINATOR_ADDRESS": "h:1"},
+            {"num_processes": 2, "process_id": 1},
+            {"coordinator_address": None, "num_processes": 2, "process_id": 1},
+            (1, 2),
+        ),
+        (
+            "on",
+            {},
+            {"coordinator_address": "h:1", "num_processes": 3, "process_id": 0, "local_device_ids": (0, 1)},
+            {
+                "coordinator_address": "h:1",
+                "local_device_ids": [0, 1],
+                "heartbeat_timeout_seconds": 60,
+                "shutdown_timeout_seconds": 120,
+                "initialization_timeout": 300,
+            },
+            (0, 3),
+        ),
+    ],
+)
+def test_initialize_calls_the_public_jax_api(monkeypatch, mode, env, options, expected_call, info):
     """``initialize`` calls ``jax.distributed.initialize`` (faked here) with the options, and
     records the process numbers that ``exit_on_error`` reports without touching the backend."""
     for key in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "TPU_", "JAX_COORD"))]:
@@ -539,8 +672,9 @@ def test_batch_and_mesh_errors_name_the_config_key():
 
 def test_model_group_spanning_processes_is_refused():
     dev = lambda p: types.SimpleNamespace(process_index=p)  # noqa: E731
-    fake = types.SimpleNamespace(devices=np.array([[dev(0), dev(0)], [dev(1), dev(1)]]),
-                                 shape={"data": 2, "model": 2})
+    fake = types.SimpleNamespace(
+        devices=np.array([[dev(0), dev(0)], [dev(1), dev(1)]]), shape={"data": 2, "model": 2}
+    )
     parallel.check_process_layout(fake)  # each model pair inside one process: fine
     fake.devices = np.array([[dev(0), dev(1)], [dev(0), dev(1)]])
     with pytest.raises(ValueError, match="config.mesh.model=2 spans several processes"):

@@ -11,12 +11,38 @@ import torchvision
 from retinanet_jax.ops.nms import _f32_threshold, batched_nms_padded
 
 
-@functools.partial(jax.jit, static_argnames=("iou_threshold", "max_output", "class_agnostic", "tile_size",
-                                             "coordinate_trick_max_boxes"))
-def nms(boxes, scores, labels, valid, iou_threshold, max_output, class_agnostic=False, tile_size=256,
-        coordinate_trick_max_boxes=1000):
-    return batched_nms_padded(boxes, scores, labels, valid, iou_threshold, max_output, class_agnostic,
-                              tile_size=tile_size, coordinate_trick_max_boxes=coordinate_trick_max_boxes)
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "iou_threshold",
+        "max_output",
+        "class_agnostic",
+        "tile_size",
+        "coordinate_trick_max_boxes",
+    ),
+)
+def nms(
+    boxes,
+    scores,
+    labels,
+    valid,
+    iou_threshold,
+    max_output,
+    class_agnostic=False,
+    tile_size=256,
+    coordinate_trick_max_boxes=1000,
+):
+    return batched_nms_padded(
+        boxes,
+        scores,
+        labels,
+        valid,
+        iou_threshold,
+        max_output,
+        class_agnostic,
+        tile_size=tile_size,
+        coordinate_trick_max_boxes=coordinate_trick_max_boxes,
+    )
 
 
 def _scores(rng, n):
@@ -58,11 +84,11 @@ def _check(keep, num, ref, max_output):
 @pytest.mark.parametrize(
     "kind,n,classes,thr,max_output",
     [
-        ("uniform", 400, 3, 0.5, 400),        # light overlap; <=1000 boxes: coordinate-trick path
-        ("clustered", 900, 5, 0.5, 900),      # heavy overlap, trick path
-        ("clustered", 1500, 1, 0.5, 1500),    # heavy overlap, single class, > 1 tile
-        ("clustered", 2000, 80, 0.4, 2000),   # many classes; torchvision's per-class path
-        ("uniform", 2000, 80, 0.7, 100),      # truncated to max_output
+        ("uniform", 400, 3, 0.5, 400),  # light overlap; <=1000 boxes: coordinate-trick path
+        ("clustered", 900, 5, 0.5, 900),  # heavy overlap, trick path
+        ("clustered", 1500, 1, 0.5, 1500),  # heavy overlap, single class, > 1 tile
+        ("clustered", 2000, 80, 0.4, 2000),  # many classes; torchvision's per-class path
+        ("uniform", 2000, 80, 0.7, 100),  # truncated to max_output
     ],
 )
 def test_matches_torchvision_batched_nms(kind, n, classes, thr, max_output):

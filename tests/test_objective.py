@@ -1,4 +1,5 @@
-"""retinanet_jax.objective.retinanet_loss against torchvision's RetinaNet.compute_loss, padding and empty images."""
+"""retinanet_jax.objective.retinanet_loss against torchvision's RetinaNet.compute_loss, padding
+and empty images."""
 
 import types
 
@@ -11,8 +12,8 @@ from torchvision.models.detection import retinanet as tv_retinanet
 from torchvision.models.detection._utils import Matcher
 from torchvision.models.detection.image_list import ImageList
 
-from retinanet_jax.ops.anchors import anchors_for_image
 from retinanet_jax.objective.retinanet_loss import compute_losses, retinanet_losses
+from retinanet_jax.ops.anchors import anchors_for_image
 
 # Sums over ~4k anchors x K classes in float32, in a different order than torch.
 RTOL = 1e-5
@@ -56,8 +57,8 @@ def pad_more(boxes, labels, extra, seed=1):
 
 def tv_targets(boxes, labels):
     return [
-        {"boxes": torch.tensor(b[l >= 0]), "labels": torch.tensor(l[l >= 0]).long()}
-        for b, l in zip(boxes, labels)
+        {"boxes": torch.tensor(b[lab >= 0]), "labels": torch.tensor(lab[lab >= 0]).long()}
+        for b, lab in zip(boxes, labels)
     ]
 
 
@@ -65,7 +66,9 @@ def tv_compute_loss(cls_logits, bbox_regression, anchors, boxes, labels, loss_ty
     """torchvision RetinaNet.compute_loss on given head outputs, without building a backbone."""
     head = tv_retinanet.RetinaNetHead(8, 9, cls_logits.shape[-1])
     head.regression_head._loss_type = loss_type
-    fake_model = types.SimpleNamespace(proposal_matcher=Matcher(0.5, 0.4, allow_low_quality_matches=True), head=head)
+    fake_model = types.SimpleNamespace(
+        proposal_matcher=Matcher(0.5, 0.4, allow_low_quality_matches=True), head=head
+    )
     outs = {
         "cls_logits": torch.tensor(cls_logits, requires_grad=with_grad),
         "bbox_regression": torch.tensor(bbox_regression, requires_grad=with_grad),
@@ -92,7 +95,9 @@ def jax_value_and_grad(cls_logits, bbox_regression, boxes, labels, **kw):
 def test_matches_torchvision_compute_loss_with_gradients(box_loss):
     cls_logits, bbox_regression, boxes, labels = make_batch()
     ours, g_cls, g_box = jax_value_and_grad(cls_logits, bbox_regression, boxes, labels, box_loss=box_loss)
-    ref, r_cls, r_box = tv_compute_loss(cls_logits, bbox_regression, ANCHORS, boxes, labels, box_loss, with_grad=True)
+    ref, r_cls, r_box = tv_compute_loss(
+        cls_logits, bbox_regression, ANCHORS, boxes, labels, box_loss, with_grad=True
+    )
     for k in ("classification", "bbox_regression"):
         np.testing.assert_allclose(ours[k], ref[k], rtol=RTOL, err_msg=k)
     assert ours["bbox_regression"] > 0
@@ -103,11 +108,15 @@ def test_matches_torchvision_compute_loss_with_gradients(box_loss):
 
 def test_matches_torchvision_with_focal_options():
     cls_logits, bbox_regression, boxes, labels = make_batch(seed=3, counts=(1, 5, 3))
-    ours = retinanet_losses(cls_logits, bbox_regression, ANCHORS, boxes, labels, focal_alpha=0.5, focal_gamma=1.5)
+    ours = retinanet_losses(
+        cls_logits, bbox_regression, ANCHORS, boxes, labels, focal_alpha=0.5, focal_gamma=1.5
+    )
     # torchvision's head hard-codes the defaults; patch the focal function it calls.
     orig = tv_retinanet.sigmoid_focal_loss
     try:
-        tv_retinanet.sigmoid_focal_loss = lambda x, t, reduction: orig(x, t, alpha=0.5, gamma=1.5, reduction=reduction)
+        tv_retinanet.sigmoid_focal_loss = lambda x, t, reduction: orig(
+            x, t, alpha=0.5, gamma=1.5, reduction=reduction
+        )
         ref = tv_compute_loss(cls_logits, bbox_regression, ANCHORS, boxes, labels, "l1")
     finally:
         tv_retinanet.sigmoid_focal_loss = orig
@@ -139,9 +148,9 @@ def test_padding_invariance_of_losses_and_gradients():
     cls_logits, bbox_regression, boxes, labels = make_batch(seed=5)
     results = []
     for extra in (0, 5, 95):
-        b, l = pad_more(boxes, labels, extra)
+        b, lab = pad_more(boxes, labels, extra)
         for box_loss in ("l1", "giou"):
-            results.append(jax_value_and_grad(cls_logits, bbox_regression, b, l, box_loss=box_loss))
+            results.append(jax_value_and_grad(cls_logits, bbox_regression, b, lab, box_loss=box_loss))
     base = results[:2]
     for i, (vals, g_cls, g_box) in enumerate(results):
         ref_vals, ref_cls, ref_box = base[i % 2]
@@ -180,9 +189,11 @@ def test_bf16_inputs_are_computed_in_f32_and_jit_matches_eager():
     cls_logits, bbox_regression, boxes, labels = make_batch(seed=8)
     c16 = jnp.asarray(cls_logits, jnp.bfloat16)
     r16 = jnp.asarray(bbox_regression, jnp.bfloat16)
-    fn = jax.jit(lambda c, r, b, l: retinanet_losses(c, r, ANCHORS, b, l, box_loss="giou"))
+    fn = jax.jit(lambda c, r, b, lab: retinanet_losses(c, r, ANCHORS, b, lab, box_loss="giou"))
     out16 = fn(c16, r16, boxes, labels)
-    ref = retinanet_losses(c16.astype(jnp.float32), r16.astype(jnp.float32), ANCHORS, boxes, labels, box_loss="giou")
+    ref = retinanet_losses(
+        c16.astype(jnp.float32), r16.astype(jnp.float32), ANCHORS, boxes, labels, box_loss="giou"
+    )
     for k in ref:
         assert out16[k].dtype == jnp.float32
         np.testing.assert_allclose(float(out16[k]), float(ref[k]), rtol=1e-6, err_msg=k)
@@ -193,7 +204,9 @@ def test_class_weights_scale_classification_only():
     plain = retinanet_losses(cls_logits, bbox_regression, ANCHORS, boxes, labels)
     twos = np.full(NUM_CLASSES, 2.0)
     doubled = retinanet_losses(cls_logits, bbox_regression, ANCHORS, boxes, labels, class_weights=twos)
-    np.testing.assert_allclose(float(doubled["classification"]), 2 * float(plain["classification"]), rtol=1e-6)
+    np.testing.assert_allclose(
+        float(doubled["classification"]), 2 * float(plain["classification"]), rtol=1e-6
+    )
     assert float(doubled["bbox_regression"]) == float(plain["bbox_regression"])
     w = np.zeros(NUM_CLASSES, np.float32)
     w[0] = 1.0
@@ -213,21 +226,34 @@ def test_bad_arguments_raise():
 
 # ---- end to end: compute_losses on converted torchvision models --------------------------------
 
+
 def test_compute_losses_uses_the_models_anchors():
     from retinanet_jax.models.retinanet import RetinaNet
 
     sizes = ((12, 16), (24, 32), (48, 64), (96, 128), (192, 256))
     ratios = ((0.5, 1.0, 2.0),) * 5
-    model = RetinaNet(num_classes=3, backbone="resnet18", fpn_channels=32, num_anchors=6,
-                      anchor_sizes=sizes, aspect_ratios=ratios)
+    model = RetinaNet(
+        num_classes=3,
+        backbone="resnet18",
+        fpn_channels=32,
+        num_anchors=6,
+        anchor_sizes=sizes,
+        aspect_ratios=ratios,
+    )
     images = jnp.asarray(np.random.default_rng(0).normal(size=(1, 64, 96, 3)), jnp.float32)
     variables = model.init(jax.random.key(0), images)
     boxes = np.array([[[4, 6, 20, 18], [30, 10, 80, 60]]], np.float32)
     labels = np.array([[0, 2]], np.int32)
     got = compute_losses(model, variables, images, {"boxes": boxes, "labels": labels})
     out = model.apply(variables, images)
-    want = retinanet_losses(out["cls_logits"], out["bbox_regression"],
-                            anchors_for_image((64, 96), sizes, ratios), boxes, labels, box_loss="l1")
+    want = retinanet_losses(
+        out["cls_logits"],
+        out["bbox_regression"],
+        anchors_for_image((64, 96), sizes, ratios),
+        boxes,
+        labels,
+        box_loss="l1",
+    )
     for k in want:
         np.testing.assert_allclose(float(got[k]), float(want[k]), rtol=1e-6, err_msg=k)
     with pytest.raises(ValueError, match="num_anchors=9 but anchor_sizes"):
@@ -240,7 +266,7 @@ E2E_HW = (160, 224)
 @pytest.mark.slow
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_compute_losses_matches_torchvision_model(variant):
-    from tests.tv_utils import make_jax_from_tv, nchw_to_nhwc, random_images
+    from tv_utils import make_jax_from_tv, nchw_to_nhwc, random_images
 
     tv_model, model, variables = make_jax_from_tv(variant)
     images = random_images(2, *E2E_HW, seed=11)

@@ -76,28 +76,39 @@ def test_schedule_matches_torchvision_loop(kind):
 
 def _toy_params(rng):
     return {
-        "conv": {"kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
-                 "bias": rng.normal(size=(4,)).astype(np.float32)},
-        "bn": {"scale": rng.normal(size=(4,)).astype(np.float32),
-               "bias": rng.normal(size=(4,)).astype(np.float32)},
-        "head": {"gn": {"scale": rng.normal(size=(4,)).astype(np.float32),
-                        "bias": rng.normal(size=(4,)).astype(np.float32)}},
+        "conv": {
+            "kernel": rng.normal(size=(3, 3, 2, 4)).astype(np.float32),
+            "bias": rng.normal(size=(4,)).astype(np.float32),
+        },
+        "bn": {
+            "scale": rng.normal(size=(4,)).astype(np.float32),
+            "bias": rng.normal(size=(4,)).astype(np.float32),
+        },
+        "head": {
+            "gn": {
+                "scale": rng.normal(size=(4,)).astype(np.float32),
+                "bias": rng.normal(size=(4,)).astype(np.float32),
+            }
+        },
     }
 
 
 def test_norm_param_mask_finds_norm_layers_only():
     mask = optim.norm_param_mask(_toy_params(np.random.default_rng(0)))
-    assert mask == {"conv": {"kernel": False, "bias": False},
-                    "bn": {"scale": True, "bias": True},
-                    "head": {"gn": {"scale": True, "bias": True}}}
+    assert mask == {
+        "conv": {"kernel": False, "bias": False},
+        "bn": {"scale": True, "bias": True},
+        "head": {"gn": {"scale": True, "bias": True}},
+    }
 
 
 def _run_both(cfg, torch_opt_fn, steps=5, spe=3):
     """Runs our tx and a torch optimizer on identical params / grads; returns both."""
     rng = np.random.default_rng(1)
     params = _toy_params(rng)
-    grads = [jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params)
-             for _ in range(steps)]
+    grads = [
+        jax.tree.map(lambda x: rng.normal(size=x.shape).astype(np.float32), params) for _ in range(steps)
+    ]
     tx, _ = optim.make_optimizer(cfg, steps_per_epoch=spe, global_batch_size=16)
     p = jax.tree.map(jnp.asarray, params)
     state = tx.init(p)
@@ -147,17 +158,112 @@ def test_sgd_equals_torch_sgd_coupled_weight_decay():
 
 def test_adamw_equals_torch_adamw_with_norm_weight_decay_zero():
     # Large decay so that decaying the norm params would be visible.
-    cfg = optim.OptimConfig(optimizer="adamw", base_lr=0.1, lr_scaling="none",
-                            weight_decay=0.5, norm_weight_decay=0.0, warmup_steps=0)
+    cfg = optim.OptimConfig(
+        optimizer="adamw",
+        base_lr=0.1,
+        lr_scaling="none",
+        weight_decay=0.5,
+        norm_weight_decay=0.0,
+        warmup_steps=0,
+    )
 
     def make(tp):
         norm = [v for k, v in tp.items() if "/bn/" in f"/{k}" or "/gn/" in f"/{k}"]
         other = [v for k, v in tp.items() if not ("/bn/" in f"/{k}" or "/gn/" in f"/{k}")]
-        opt = torch.optim.AdamW([{"params": other, "weight_decay": 0.5},
-                                 {"params": norm, "weight_decay": 0.0}], lr=0.1)
+        opt = torch.optim.AdamW(
+            [{"params": other, "weight_decay": 0.5}, {"params": norm, "weight_decay": 0.0}], lr=0.1
+        )
         return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
     got, want = _run_both(cfg, make)
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def _adam_direction_vs_torch(scale_by_adam, b2, t, n=4096):
+    """One Adam step at update count ``t`` from given moments, ours vs torch.optim.AdamW.
+
+    torch's AdamW is loaded with the same state (``step = t - 1``, exp_avg, exp_avg_sq) at
+    lr 1, no decay, param 0, so the param after its step is minus Adam's direction. Gradients
+    and first moments share a sign and are bounded away from 0, so per-element relative errors
+    measure the direction, not cancellation in ``m``. Returns relative errors [n]."""
+    rng = np.random.default_rng(t)
+    sign = rng.choice([-1.0, 1.0], size=n)
+    g = (sign * rng.uniform(0.5, 2, n)).astype(np.float32)
+    mu = (sign * rng.uniform(0.5, 2, n) * (1 - 0.9 ** (t - 1))).astype(np.float32)
+    nu = (rng.uniform(0.5, 2, n) * (1 - b2 ** (t - 1))).astype(np.float32)
+    state = optax.ScaleByAdamState(
+        count=jnp.asarray(t - 1, jnp.int32), mu=jnp.asarray(mu), nu=jnp.asarray(nu)
+    )
+    got, _ = scale_by_adam(b1=0.9, b2=b2, eps=1e-8).update(jnp.asarray(g), state)
+    p = torch.nn.Parameter(torch.zeros(n))
+    opt = torch.optim.AdamW([p], lr=1.0, betas=(0.9, b2), eps=1e-8, weight_decay=0.0)
+    opt.state[p] = {
+        "step": torch.tensor(float(t - 1)),
+        "exp_avg": torch.tensor(mu),
+        "exp_avg_sq": torch.tensor(nu),
+    }
+    p.grad = torch.tensor(g)
+    opt.step()
+    want = -p.detach().numpy()
+    return (np.asarray(got, np.float64) - want) / want
+
+
+@pytest.mark.parametrize(
+    "b2, t",
+    [
+        (0.999, 1),
+        (0.999, 2),
+        (0.999, 10),
+        (0.999, 100),
+        (0.999, 1000),
+        (0.99999, 1),
+        (0.99999, 1000),
+        (0.99999, 100000),
+    ],
+)
+def test_scale_by_adam_torch_equals_torch_where_optax_cancels(b2, t):
+    """Why ``scale_by_adam_torch`` exists: optax forms ``1 - b2**t`` in float32, where
+    ``float32(0.999) = 0.999 + 1.29e-8`` makes ``1 - b2**t`` ~1.3e-5 too small for t <= ~100
+    (relative; ``sqrt`` halves it: Adam's direction ~6.5e-6 too large), and with
+    ``b2 = 0.99999`` (``float32(b2) = b2 - 1.36e-8``) ~1.4e-3 off (direction ~7e-4). torch
+    evaluates it in double. Ours (``-expm1(t * log b2)``) equals torch to float32 rounding:
+    m, v (2 roundings each, v's halved by the sqrt), /bc1, sqrt, /bc2, +eps, / : ~6 half-ulp
+    roundings per side, 12 * 2**-24 = 7.2e-7 < 1e-6 relative. optax's error is systematic (one
+    sign for every element), so its mean is far outside that band."""
+    ours = _adam_direction_vs_torch(optim.scale_by_adam_torch, b2, t)
+    assert np.max(np.abs(ours)) < 1e-6, np.max(np.abs(ours))
+    assert abs(np.mean(ours)) < 5e-7, np.mean(ours)  # measured <= 2.1e-7 (torch's m is a lerp)
+    theirs = _adam_direction_vs_torch(optax.scale_by_adam, b2, t)
+    expect = {0.999: 3e-6, 0.99999: 3e-4}[b2]  # measured 3.7e-6 (t=1000) .. 1e-5; 4e-4 .. 7e-4
+    assert abs(np.mean(theirs)) > expect, np.mean(theirs)
+
+
+def test_adamw_with_b2_near_one_follows_torch_adamw_trajectory():
+    """make_optimizer's AdamW over 30 steps with b2 = 0.99999, against torch.optim.AdamW: with
+    optax's float32 bias correction every step's direction would be ~7e-4 too large (see above)
+    and the params drift by ~1e-3 relative; ours stays at float32 rounding."""
+    cfg = optim.OptimConfig(
+        optimizer="adamw",
+        base_lr=0.05,
+        lr_scaling="none",
+        weight_decay=0.5,
+        norm_weight_decay=0.0,
+        warmup_steps=0,
+        adam_b2=0.99999,
+    )
+
+    def make(tp):
+        norm = [v for k, v in tp.items() if "/bn/" in f"/{k}" or "/gn/" in f"/{k}"]
+        other = [v for k, v in tp.items() if not ("/bn/" in f"/{k}" or "/gn/" in f"/{k}")]
+        opt = torch.optim.AdamW(
+            [{"params": other, "weight_decay": 0.5}, {"params": norm, "weight_decay": 0.0}],
+            lr=0.05,
+            betas=(0.9, 0.99999),
+        )
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+    got, want = _run_both(cfg, make, steps=30)
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6, err_msg=k)
 
@@ -172,10 +278,12 @@ def test_adamw_norm_params_get_no_decay_with_zero_grads():
     np.testing.assert_array_equal(np.asarray(upd["bn"]["scale"]), 0.0)
     np.testing.assert_array_equal(np.asarray(upd["head"]["gn"]["bias"]), 0.0)
     lr0 = 1e-4 * 1e-3  # warmup start
-    np.testing.assert_allclose(np.asarray(upd["conv"]["kernel"]),
-                               -lr0 * 0.05 * params["conv"]["kernel"], rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(upd["conv"]["bias"]),
-                               -lr0 * 0.05 * params["conv"]["bias"], rtol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(upd["conv"]["kernel"]), -lr0 * 0.05 * params["conv"]["kernel"], rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        np.asarray(upd["conv"]["bias"]), -lr0 * 0.05 * params["conv"]["bias"], rtol=1e-5
+    )
 
 
 def test_clip_grad_norm_clips_global_norm():
@@ -198,8 +306,15 @@ def test_from_mapping_rejects_unknown_keys():
 
 
 def test_per_step_cosine_follows_fractional_epochs():
-    cfg = optim.OptimConfig(optimizer="adamw", base_lr=1e-3, lr_scaling="none", schedule="cosine",
-                            epochs=2, warmup_steps=0, schedule_unit="step")
+    cfg = optim.OptimConfig(
+        optimizer="adamw",
+        base_lr=1e-3,
+        lr_scaling="none",
+        schedule="cosine",
+        epochs=2,
+        warmup_steps=0,
+        schedule_unit="step",
+    )
     sched = optim.make_schedule(cfg, steps_per_epoch=100, global_batch_size=8)
     for step in (0, 37, 100, 150, 200, 250):
         want = 1e-3 * 0.5 * (1 + np.cos(np.pi * min(step / 100, 2) / 2))

@@ -44,8 +44,10 @@ def test_param_spec_rule(shape, model, spec):
 
 def test_tree_shardings_split_kernels_over_model():
     mesh = parallel.make_mesh(model=2)
-    tree = {"conv": {"kernel": np.ones((3, 3, 4, 8), np.float32), "bias": np.ones((8,), np.float32)},
-            "count": np.zeros((), np.int32)}
+    tree = {
+        "conv": {"kernel": np.ones((3, 3, 4, 8), np.float32), "bias": np.ones((8,), np.float32)},
+        "count": np.zeros((), np.int32),
+    }
     placed = jax.device_put(tree, parallel.tree_shardings(tree, mesh))
     k = placed["conv"]["kernel"]
     assert k.sharding.spec == P(None, None, None, "model")
@@ -62,8 +64,7 @@ def test_sharded_conv_kernel_gives_the_replicated_result():
     w = rng.normal(size=(3, 3, 4, 8)).astype(np.float32)
 
     def conv(x, w):
-        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return jnp.sum(y * y, axis=(1, 2, 3))
 
     xs = parallel.shard_batch({"x": x}, mesh)["x"]
@@ -76,8 +77,10 @@ def test_sharded_conv_kernel_gives_the_replicated_result():
 
 def test_shard_batch_splits_rows_over_data():
     mesh = parallel.make_mesh(model=2)  # data = 4
-    batch = {"images": np.arange(8 * 2 * 2 * 3, dtype=np.uint8).reshape(8, 2, 2, 3),
-             "labels": np.arange(8 * 5, dtype=np.int32).reshape(8, 5)}
+    batch = {
+        "images": np.arange(8 * 2 * 2 * 3, dtype=np.uint8).reshape(8, 2, 2, 3),
+        "labels": np.arange(8 * 5, dtype=np.int32).reshape(8, 5),
+    }
     out = parallel.shard_batch(batch, mesh)
     for key in batch:
         arr = out[key]

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from tv_utils import make_tv_model, tv_state_dict_numpy
 
-from retinanet_jax.models.heads import CLS_PRIOR_BIAS
 from retinanet_jax.interop.torchvision import backbone_from_torchvision, from_torchvision, to_torchvision
-from tests.tv_utils import make_tv_model, tv_state_dict_numpy
+from retinanet_jax.models.heads import CLS_PRIOR_BIAS
 
 BUILDERS = {
     "v1": torchvision.models.detection.retinanet_resnet50_fpn,
@@ -29,9 +29,15 @@ def case(request):
 
 
 def _assert_same_state_dict(got: dict, want: dict) -> None:
-    assert set(got) == set(want), (set(got) ^ set(want))
+    assert set(got) == set(want), set(got) ^ set(want)
     for k, v in want.items():
-        assert got[k].dtype == v.dtype and got[k].shape == v.shape, (k, got[k].dtype, v.dtype, got[k].shape, v.shape)
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape, (
+            k,
+            got[k].dtype,
+            v.dtype,
+            got[k].shape,
+            v.shape,
+        )
         assert got[k].tobytes() == v.tobytes(), k  # bit for bit
 
 
@@ -140,7 +146,11 @@ def test_wrong_shape_names_key_and_both_shapes(v1_sd):
     with pytest.raises(ValueError) as e:
         from_torchvision(sd, "v1")
     msg = str(e.value)
-    assert "backbone.fpn.layer_blocks.1.0.weight" in msg and "(256, 128, 3, 3)" in msg and "(256, 256, 3, 3)" in msg
+    assert (
+        "backbone.fpn.layer_blocks.1.0.weight" in msg
+        and "(256, 128, 3, 3)" in msg
+        and "(256, 256, 3, 3)" in msg
+    )
 
 
 def _meta_state_dict(module: torch.nn.Module, prefix: str = "") -> dict:

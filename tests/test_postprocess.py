@@ -8,8 +8,8 @@ import torch
 import torchvision
 from torchvision.models.detection import retinanet as tv_retinanet
 
-from retinanet_jax.ops.anchors import anchors_for_image, num_anchors_per_level
 from retinanet_jax.inference.postprocess import postprocess
+from retinanet_jax.ops.anchors import anchors_for_image, num_anchors_per_level
 
 K = 91
 HW = (160, 224)  # padded canvas
@@ -99,9 +99,7 @@ def test_class_agnostic_matches_torchvision_with_plain_nms(tv_model, monkeypatch
     rng = np.random.default_rng(2)
     logits, deltas, anchors = _head_outputs(rng, 1, -5.0)
     sizes = np.array([[160, 224]], np.int32)
-    monkeypatch.setattr(
-        tv_retinanet.box_ops, "batched_nms", lambda b, s, i, t: torchvision.ops.nms(b, s, t)
-    )
+    monkeypatch.setattr(tv_retinanet.box_ops, "batched_nms", lambda b, s, i, t: torchvision.ops.nms(b, s, t))
     ref = _torchvision(tv_model, logits, deltas, anchors, sizes)
     out = postprocess(logits, deltas, anchors, num_anchors_per_level(HW), sizes, class_agnostic=True)
     _check_equal(out, ref)
@@ -135,7 +133,7 @@ def test_batch_rows_independent_under_jit():
     logits = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32))
     deltas = np.asarray(jnp.asarray(deltas, jnp.bfloat16).astype(jnp.float32))
     for i in range(3):
-        one = postprocess(logits[i:i + 1], deltas[i:i + 1], anchors, levels, sizes[i:i + 1])
+        one = postprocess(logits[i : i + 1], deltas[i : i + 1], anchors, levels, sizes[i : i + 1])
         for a, b in zip(full, one):
             np.testing.assert_array_equal(np.asarray(a)[i], np.asarray(b)[0])
 

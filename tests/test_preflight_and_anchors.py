@@ -4,27 +4,16 @@ checks of training.preflight, in the functions and through train_and_evaluate's 
 import json
 import logging
 import os
-import runpy
 
 import numpy as np
 import pytest
+from config_utils import tiny_config
 
 from retinanet_jax.ops import anchor_fit
 from retinanet_jax.ops.anchors import DEFAULT_SIZES, anchors_for_image, base_anchors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PREFLIGHT_LOG = "retinanet_jax.training.preflight"
-
-
-def tiny_config(**overrides):
-    c = runpy.run_path(os.path.join(ROOT, "configs", "tiny.py"))["get_config"]()
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
 
 
 def brute_force_best_iou(boxes, canvas_hw, sizes=DEFAULT_SIZES, ratios=((0.5, 1.0, 2.0),) * 5):
@@ -78,8 +67,9 @@ def test_large_boxes_use_the_canvas_p6_p7_strides():
 def test_unbounded_grid_matches_a_large_canvas_away_from_its_edge():
     rng = np.random.default_rng(1)
     boxes = random_boxes(rng, 300, (200, 200), hi=120)  # far from the 512 canvas' far edge
-    np.testing.assert_allclose(anchor_fit.best_anchor_iou(boxes),
-                               brute_force_best_iou(boxes, (512, 512)), atol=1e-12)
+    np.testing.assert_allclose(
+        anchor_fit.best_anchor_iou(boxes), brute_force_best_iou(boxes, (512, 512)), atol=1e-12
+    )
 
 
 def test_coverage_shares_by_size_range():
@@ -93,8 +83,11 @@ def test_coverage_shares_by_size_range():
 
 def test_structured_anchors_with_base_32_are_torchvisions_default():
     sizes, ratios = anchor_fit.structured_anchors(32, (0.5, 1.0, 2.0))
-    assert sizes == DEFAULT_SIZES == ((32, 40, 50), (64, 80, 101), (128, 161, 203), (256, 322, 406),
-                                      (512, 645, 812))
+    assert (
+        sizes
+        == DEFAULT_SIZES
+        == ((32, 40, 50), (64, 80, 101), (128, 161, 203), (256, 322, 406), (512, 645, 812))
+    )
     assert ratios == ((0.5, 1.0, 2.0),) * 5
 
 
@@ -123,7 +116,7 @@ def _inside_anchors(canvas):
     """One anchor per (level P3..P5, ratio) lying inside the canvas, as xyxy boxes."""
     out = []
     for level, scales in enumerate(DEFAULT_SIZES[:3]):
-        stride = 8 * 2 ** level
+        stride = 8 * 2**level
         for shape in base_anchors(scales, (0.5, 1.0, 2.0))[::3]:  # scale 0 of each ratio
             c = (canvas // 2 // stride) * stride
             out.append(shape + c)
@@ -133,9 +126,15 @@ def _inside_anchors(canvas):
 
 
 def _coco_json(path, boxes, size=256):
-    anns = [{"id": i + 1, "image_id": 1 + i % 2, "category_id": 1,
-             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])]}
-            for i, b in enumerate(boxes)]
+    anns = [
+        {
+            "id": i + 1,
+            "image_id": 1 + i % 2,
+            "category_id": 1,
+            "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])],
+        }
+        for i, b in enumerate(boxes)
+    ]
     images = [{"id": i, "file_name": f"{i}.jpg", "height": size, "width": size} for i in (1, 2)]
     with open(path, "w") as f:
         json.dump({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "x"}]}, f)
@@ -148,9 +147,23 @@ def _run_cli(tmp_path, boxes, *extra, image_size=256, train_size=256):
     ann = tmp_path / "train.json"
     _coco_json(ann, boxes, image_size)
     out = tmp_path / "fit.json"
-    code = main(["anchors", "--data", "coco_json", f"annotation_file={ann}", f"image_dir={tmp_path}",
-                 "check_files=false", "--min-size", str(train_size), "--max-size", str(train_size),
-                 "--json", str(out), *extra])
+    code = main(
+        [
+            "anchors",
+            "--data",
+            "coco_json",
+            f"annotation_file={ann}",
+            f"image_dir={tmp_path}",
+            "check_files=false",
+            "--min-size",
+            str(train_size),
+            "--max-size",
+            str(train_size),
+            "--json",
+            str(out),
+            *extra,
+        ]
+    )
     assert code == 0
     return json.load(open(out))
 
@@ -169,11 +182,14 @@ def test_anchors_command_on_boxes_equal_to_anchors_prints_full_coverage(tmp_path
 
 def test_anchors_command_on_slivers_prints_the_brute_force_coverage(tmp_path, capsys):
     exact = _inside_anchors(256)
-    slivers = np.array([[100 + 20 * k, 20, 104 + 20 * k, 220] for k in range(3)]
-                       + [[20, 100 + 20 * k, 220, 104 + 20 * k] for k in range(3)], float)
+    slivers = np.array(
+        [[100 + 20 * k, 20, 104 + 20 * k, 220] for k in range(3)]
+        + [[20, 100 + 20 * k, 220, 104 + 20 * k] for k in range(3)],
+        float,
+    )
     boxes = np.concatenate([exact, slivers])
     best = brute_force_best_iou(boxes, (256, 256))
-    assert best[len(exact):].max() < 0.4  # 4 x 200 px: no anchor shape is close
+    assert best[len(exact) :].max() < 0.4  # 4 x 200 px: no anchor shape is close
     share50, share40 = np.mean(best >= 0.5), np.mean(best >= 0.4)
     assert share50 == share40 == len(exact) / len(boxes)
     result = _run_cli(tmp_path, boxes)
@@ -194,8 +210,16 @@ def test_anchors_command_on_slivers_prints_the_brute_force_coverage(tmp_path, ca
 def test_anchors_command_reads_a_config_and_fails_clearly(tmp_path, capsys):
     from retinanet_jax.cli.main import main
 
-    code = main(["anchors", "--config", os.path.join(ROOT, "configs", "tiny.py"),
-                 "--set", "dataset.train.num_images=16", "--no-search"])
+    code = main(
+        [
+            "anchors",
+            "--config",
+            os.path.join(ROOT, "configs", "tiny.py"),
+            "--set",
+            "dataset.train.num_images=16",
+            "--no-search",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "min_size 64, max_size 64" in out and "current anchors: sizes [(16, 20, 25)" in out
@@ -213,8 +237,9 @@ def test_training_boxes_follow_the_training_resize(tmp_path):
     ann = tmp_path / "a.json"
     boxes = np.array([[10, 20, 50, 60], [0, 0, 256, 128]], float)
     _coco_json(ann, boxes)
-    src = make_source("coco_json", {"annotation_file": str(ann), "image_dir": str(tmp_path),
-                                    "check_files": False})
+    src = make_source(
+        "coco_json", {"annotation_file": str(ann), "image_dir": str(tmp_path), "check_files": False}
+    )
     gt = training_boxes(src, (512, 128), 1000)
     assert gt.num_images == 2 and len(gt.boxes) == 4  # each box once per min_size
     scaled = sorted(map(tuple, gt.boxes.tolist()))
@@ -225,15 +250,18 @@ def test_training_boxes_follow_the_training_resize(tmp_path):
 # ------------------------------------------------------------------------------ preflight checks
 
 
-def _check(config, *, dataset_size=64, steps_per_epoch=8, num_steps=None, eval_every=None,
-           ckpt_every=None):
+def _check(config, *, dataset_size=64, steps_per_epoch=8, num_steps=None, eval_every=None, ckpt_every=None):
     from retinanet_jax.training import preflight
 
     num_steps = num_steps or config.num_steps or config.optim.epochs * steps_per_epoch
     return preflight.check_run(
-        config, dataset_size=dataset_size, steps_per_epoch=steps_per_epoch, num_steps=num_steps,
+        config,
+        dataset_size=dataset_size,
+        steps_per_epoch=steps_per_epoch,
+        num_steps=num_steps,
         eval_every=eval_every or config.eval.every_steps or steps_per_epoch,
-        ckpt_every=ckpt_every or config.checkpoint.every_steps or steps_per_epoch)
+        ckpt_every=ckpt_every or config.checkpoint.every_steps or steps_per_epoch,
+    )
 
 
 def test_tiny_config_passes_without_warnings(caplog):
@@ -257,14 +285,16 @@ def test_num_steps_past_the_schedule_is_an_error(schedule, milestones):
 
 
 def test_num_steps_past_a_constant_schedule_is_fine():
-    cfg = tiny_config(num_steps=20, **{"optim.schedule": "constant", "eval.every_steps": 10,
-                                       "checkpoint.every_steps": 10})
+    cfg = tiny_config(
+        num_steps=20, **{"optim.schedule": "constant", "eval.every_steps": 10, "checkpoint.every_steps": 10}
+    )
     assert _check(cfg) == []
 
 
 def test_warmup_longer_than_the_run_warns(caplog):
-    cfg = tiny_config(num_steps=4, **{"optim.warmup_steps": 6, "eval.every_steps": 4,
-                                      "checkpoint.every_steps": 4})
+    cfg = tiny_config(
+        num_steps=4, **{"optim.warmup_steps": 6, "eval.every_steps": 4, "checkpoint.every_steps": 4}
+    )
     with caplog.at_level(logging.WARNING, logger=PREFLIGHT_LOG):
         warnings = _check(cfg)
     assert len(warnings) == 1 and "config.optim.warmup_steps=6" in warnings[0]
@@ -272,8 +302,10 @@ def test_warmup_longer_than_the_run_warns(caplog):
 
 
 def test_warmup_longer_than_an_epoch_warns_about_torchvisions_cap():
-    cfg = tiny_config(num_steps=16, **{"optim.warmup_steps": 50, "optim.epochs": 2,
-                                       "eval.every_steps": 8, "checkpoint.every_steps": 8})
+    cfg = tiny_config(
+        num_steps=16,
+        **{"optim.warmup_steps": 50, "optim.epochs": 2, "eval.every_steps": 8, "checkpoint.every_steps": 8},
+    )
     warnings = _check(cfg)
     assert len(warnings) == 1 and "config.optim.warmup_steps=50" in warnings[0]
     assert "= 7 steps" in warnings[0]
@@ -296,15 +328,25 @@ def test_checkpoint_interval_longer_than_the_run_warns_that_only_the_final_one_i
 
 
 def test_batch_larger_than_the_training_set_is_an_error():
-    with pytest.raises(ValueError, match=r"config.batch_size=128 is larger than the training set "
-                                         r"\(64 examples"):
+    with pytest.raises(
+        ValueError,
+        match=r"config.batch_size=128 is larger than the training set "
+        r"\(64 examples",
+    ):
         _check(tiny_config(batch_size=128))
 
 
 def test_milestones_after_the_last_epoch_warn():
-    cfg = tiny_config(**{"optim.schedule": "multistep", "optim.milestones": (1, 3),
-                         "optim.epochs": 2, "num_steps": None, "eval.every_steps": 16,
-                         "checkpoint.every_steps": 16})
+    cfg = tiny_config(
+        **{
+            "optim.schedule": "multistep",
+            "optim.milestones": (1, 3),
+            "optim.epochs": 2,
+            "num_steps": None,
+            "eval.every_steps": 16,
+            "checkpoint.every_steps": 16,
+        }
+    )
     warnings = _check(cfg)
     assert len(warnings) == 1 and "config.optim.milestones=(1, 3)" in warnings[0]
 

@@ -8,8 +8,11 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCES = [os.path.join(ROOT, "train.py")] + sorted(
-    os.path.join(d, f) for d, _, files in os.walk(os.path.join(ROOT, "retinanet_jax"))
-    for f in files if f.endswith(".py"))
+    os.path.join(d, f)
+    for d, _, files in os.walk(os.path.join(ROOT, "retinanet_jax"))
+    for f in files
+    if f.endswith(".py")
+)
 
 
 def private_jax_uses(source: str) -> list[str]:
@@ -21,15 +24,26 @@ def private_jax_uses(source: str) -> list[str]:
             names = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-        elif isinstance(node, ast.Attribute) and node.attr == "_src" \
-                and isinstance(node.value, ast.Name) and node.value.id == "jax":
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr == "_src"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "jax"
+        ):
             names = ["jax._src"]
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
-                and node.func.id == "__import__" or (
-                    isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                    and node.func.attr == "import_module"):
-            names = [a.value for a in node.args[:1] if isinstance(a, ast.Constant)
-                     and isinstance(a.value, str)]
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "__import__"
+            or (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "import_module"
+            )
+        ):
+            names = [
+                a.value for a in node.args[:1] if isinstance(a, ast.Constant) and isinstance(a.value, str)
+            ]
         bad = [n for n in names if n == "jax._src" or n.startswith("jax._src.")]
         if bad:
             found.append(f"{node.lineno}: {bad[0]}")
@@ -37,13 +51,22 @@ def private_jax_uses(source: str) -> list[str]:
 
 
 def test_the_scan_finds_private_imports():
-    for code in ("from jax._src import clusters", "import jax._src.distributed",
-                 "from jax._src.distributed import global_state", "from jax import _src",
-                 "import jax\nx = jax._src.xla_bridge", "importlib.import_module('jax._src.api')"):
+    for code in (
+        "from jax._src import clusters",
+        "import jax._src.distributed",
+        "from jax._src.distributed import global_state",
+        "from jax import _src",
+        "import jax\nx = jax._src.xla_bridge",
+        "importlib.import_module('jax._src.api')",
+    ):
         assert private_jax_uses(code), code
-    for code in ("import jax", "from jax import distributed", "import jax.distributed",
-                 "logging.getLogger('jax._src.xla_bridge')",  # a logger name is no import
-                 "from jax.experimental import io_callback"):
+    for code in (
+        "import jax",
+        "from jax import distributed",
+        "import jax.distributed",
+        "logging.getLogger('jax._src.xla_bridge')",  # a logger name is no import
+        "from jax.experimental import io_callback",
+    ):
         assert not private_jax_uses(code), code
 
 

@@ -16,7 +16,9 @@ def test_unknown_name_and_keys_are_named():
         make_source("nope", {}, what="config.dataset.source")
     with pytest.raises(SourceArgumentError, match=r"config.dataset.train: unknown arguments \['bogus'\]"):
         make_source("shapes", {"bogus": 1}, where="config.dataset.train")
-    with pytest.raises(SourceArgumentError, match=r"missing required arguments \['annotation_file', 'image_dir'\]"):
+    with pytest.raises(
+        SourceArgumentError, match=r"missing required arguments \['annotation_file', 'image_dir'\]"
+    ):
         make_source("coco_json", {})
 
 

@@ -10,43 +10,20 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from config_utils import tiny_config
 
+from retinanet_jax.data import TrainBatchIterator
+from retinanet_jax.data.registry import SOURCES
 from retinanet_jax.ops import anchors
 from retinanet_jax.training import loop as train_loop
 from retinanet_jax.training.checkpoint import Checkpointer
-from retinanet_jax.data import TrainBatchIterator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(**overrides):
-    c = runpy.run_path(os.path.join(ROOT, "configs", "tiny.py"))["get_config"]()
-    for key, value in overrides.items():
-        node = c
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
-
-
 @pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Persistent XLA cache for this module: the runs below compile the same train step again
-    (interrupted + resumed runs), which the cache turns from ~70 s into ~1 s each."""
-    from jax.experimental.compilation_cache import compilation_cache as cc
-
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
-    cc.reset_cache()
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-    cc.reset_cache()
+def _cache(xla_compilation_cache):
+    """The runs below compile the same train step again (interrupted + resumed runs)."""
 
 
 def _lines(path):
@@ -56,11 +33,19 @@ def _lines(path):
 def _restore_params(workdir):
     """Every array of the latest checkpoint's state, as numpy (no template needed)."""
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
-    item = ckpt._manager.restore(ckpt.latest_step(), args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))["state"]
+    item = ckpt._manager.restore(
+        ckpt.latest_step(), args=ocp.args.Composite(state=ocp.args.StandardRestore())
+    )["state"]
     ckpt.close()
-    return jax.tree.map(np.asarray, {"params": item["params"], "frozen": item["frozen_params"],
-                                     "stats": item["batch_stats"], "opt": item["opt_state"]})
+    return jax.tree.map(
+        np.asarray,
+        {
+            "params": item["params"],
+            "frozen": item["frozen_params"],
+            "stats": item["batch_stats"],
+            "opt": item["opt_state"],
+        },
+    )
 
 
 def _without_timing(lines):
@@ -71,8 +56,15 @@ def _without_timing(lines):
 def test_tiny_run_writes_metrics_checkpoints_and_detections(tmp_path, capsys):
     workdir = str(tmp_path / "run")
     # Untrained after 4 steps, the scores sit below 0.05: keep every box so the JSON has some.
-    cfg = tiny_config(num_steps=4, **{"checkpoint.every_steps": 2, "eval.every_steps": 100,
-                                      "eval.score_thresh": 0.0, "mesh.num_devices": 2})
+    cfg = tiny_config(
+        num_steps=4,
+        **{
+            "checkpoint.every_steps": 2,
+            "eval.every_steps": 100,
+            "eval.score_thresh": 0.0,
+            "mesh.num_devices": 2,
+        },
+    )
     result = train_loop.train_and_evaluate(cfg, workdir)
 
     lines = _lines(os.path.join(workdir, "metrics.jsonl"))
@@ -107,8 +99,12 @@ def test_tiny_run_writes_metrics_checkpoints_and_detections(tmp_path, capsys):
 @pytest.mark.slow
 def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch):
     # One device and 2 images per step keep the three compilations cheap.
-    cfg = tiny_config(num_steps=4, batch_size=2, log_every_steps=1,
-                      **{"mesh.num_devices": 1, "checkpoint.every_steps": 2, "eval.enabled": False})
+    cfg = tiny_config(
+        num_steps=4,
+        batch_size=2,
+        log_every_steps=1,
+        **{"mesh.num_devices": 1, "checkpoint.every_steps": 2, "eval.enabled": False},
+    )
     straight = str(tmp_path / "straight")
     train_loop.train_and_evaluate(cfg, straight)
 
@@ -134,19 +130,32 @@ def test_kill_and_resume_ends_like_an_uninterrupted_run(tmp_path, monkeypatch):
 
     a, b = _restore_params(straight), _restore_params(interrupted)
     jax.tree.map(np.testing.assert_array_equal, a, b)  # bitwise
-    assert Checkpointer(os.path.join(interrupted, "checkpoints")).read_meta().data_state == \
-        Checkpointer(os.path.join(straight, "checkpoints")).read_meta().data_state
+    assert (
+        Checkpointer(os.path.join(interrupted, "checkpoints")).read_meta().data_state
+        == Checkpointer(os.path.join(straight, "checkpoints")).read_meta().data_state
+    )
 
 
 @pytest.mark.slow
 def test_nonfinite_loss_names_the_step_and_keeps_checkpoints(tmp_path):
     # SGD with an absurd learning rate: step 1 is finite, its update blows the weights up.
-    cfg = tiny_config(num_steps=4, batch_size=2, **{
-        "mesh.num_devices": 1, "checkpoint.every_steps": 1, "eval.enabled": False,
-        "optim.optimizer": "sgd", "optim.base_lr": 1e30, "optim.clip_grad_norm": None,
-        "optim.warmup_steps": 0})
+    cfg = tiny_config(
+        num_steps=4,
+        batch_size=2,
+        **{
+            "mesh.num_devices": 1,
+            "checkpoint.every_steps": 1,
+            "eval.enabled": False,
+            "optim.optimizer": "sgd",
+            "optim.base_lr": 1e30,
+            "optim.clip_grad_norm": None,
+            "optim.warmup_steps": 0,
+        },
+    )
     workdir = str(tmp_path / "run")
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 2.*latest complete checkpoint \(step 1\)"):
+    with pytest.raises(
+        FloatingPointError, match=r"non-finite loss at step 2.*latest complete checkpoint \(step 1\)"
+    ):
         train_loop.train_and_evaluate(cfg, workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
     assert ckpt.all_steps() == [1]
@@ -155,13 +164,19 @@ def test_nonfinite_loss_names_the_step_and_keeps_checkpoints(tmp_path):
 
 
 def test_bad_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ValueError, match="config.dataset.source"):
-        train_loop.train_and_evaluate(tiny_config(**{"dataset.source": "nope"}), str(tmp_path))
-    with pytest.raises(ValueError, match="config.model.num_classes=2 < 5"):
-        train_loop.train_and_evaluate(tiny_config(**{"model.num_classes": 2}), str(tmp_path))
-    with pytest.raises(TypeError, match="config.dataset.train"):
-        train_loop.train_and_evaluate(tiny_config(**{"dataset.train": {"bogus": 1}}), str(tmp_path))
-    assert not os.path.exists(tmp_path / "checkpoints" / "0")
+    """A bad config fails before anything is written: the workdir stays empty (no checkpoints
+    folder, no config.json, no metrics), so fixing the config and rerunning starts clean."""
+    bad = [
+        (ValueError, "config.dataset.source", {"dataset.source": "nope"}),
+        (ValueError, "config.model.num_classes=2 < 5", {"model.num_classes": 2}),
+        (TypeError, "config.dataset.train", {"dataset.train": {"bogus": 1}}),
+    ]
+    for exc, match, overrides in bad:
+        workdir = tmp_path / match.split("=")[0]
+        workdir.mkdir()
+        with pytest.raises(exc, match=match):
+            train_loop.train_and_evaluate(tiny_config(**overrides), str(workdir))
+        assert sorted(os.listdir(workdir)) == [], (match, os.listdir(workdir))
 
 
 def test_train_py_parses_config_file_and_overrides(tmp_path, monkeypatch):
@@ -170,30 +185,51 @@ def test_train_py_parses_config_file_and_overrides(tmp_path, monkeypatch):
     spec.loader.exec_module(cli)
     calls = []
     monkeypatch.setattr(train_loop, "train_and_evaluate", lambda c, w: calls.append((c, w)))
-    argv = ["train.py", f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
-            f"--workdir={tmp_path}", "--config.batch_size=16", "--config.optim.base_lr=0.5"]
+    argv = [
+        "train.py",
+        f"--config={os.path.join(ROOT, 'configs', 'tiny.py')}",
+        f"--workdir={tmp_path}",
+        "--config.batch_size=16",
+        "--config.optim.base_lr=0.5",
+    ]
     monkeypatch.setattr(sys, "argv", argv)  # config_flags reads overrides from sys.argv
     cli.flags.FLAGS(argv)
     try:
         cli.main(argv[:1])
     finally:
         cli.flags.FLAGS.unparse_flags()
-    (config, workdir), = calls
+    ((config, workdir),) = calls
     assert workdir == str(tmp_path)
     assert config.batch_size == 16 and config.optim.base_lr == 0.5
     assert config.dataset.source == "shapes"
 
 
-@pytest.mark.parametrize("name", ["base", "shapes", "tiny", "coco_r50_fpn_v1", "coco_r50_fpn_v2",
-                                  "custom_coco_json", "custom_voc_xml", "custom_csv"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "base",
+        "shapes",
+        "tiny",
+        "coco_r50_fpn_v1",
+        "coco_r50_fpn_v2",
+        "custom_coco_json",
+        "custom_voc_xml",
+        "custom_csv",
+    ],
+)
 def test_configs_load_and_name_known_settings(name):
     from retinanet_jax.training.optim import OptimConfig
 
     c = runpy.run_path(os.path.join(ROOT, "configs", f"{name}.py"))["get_config"]()
-    assert c.dataset.source in train_loop.SOURCES
+    assert c.dataset.source in SOURCES
     OptimConfig.from_mapping(c.optim)  # every optimizer key is known
     if name == "coco_r50_fpn_v2":
-        assert (c.model.variant, c.loss.box_loss, c.optim.optimizer, c.optim.base_lr) == ("v2", "giou", "adamw", 1e-4)
+        assert (c.model.variant, c.loss.box_loss, c.optim.optimizer, c.optim.base_lr) == (
+            "v2",
+            "giou",
+            "adamw",
+            1e-4,
+        )
 
 
 def test_metric_writer_drops_lines_past_the_resumed_step(tmp_path):
@@ -209,5 +245,43 @@ def test_metric_writer_drops_lines_past_the_resumed_step(tmp_path):
     w.write(3, {"train/loss": 30.0})
     w.close()
     assert _lines(tmp_path / "metrics.jsonl") == [
-        {"step": 1, "train/loss": 1.0}, {"step": 2, "train/loss": 2.0}, {"step": 3, "train/loss": 30.0}]
+        {"step": 1, "train/loss": 1.0},
+        {"step": 2, "train/loss": 2.0},
+        {"step": 3, "train/loss": 30.0},
+    ]
     assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_resume_refuses_a_config_that_reinterprets_the_stored_state(tmp_path, caplog):
+    cfg = tiny_config(
+        num_steps=1,
+        batch_size=2,
+        **{"mesh.num_devices": 1, "eval.enabled": False, "checkpoint.every_steps": 1},
+    )
+    workdir = str(tmp_path / "run")
+    train_loop.train_and_evaluate(cfg, workdir)
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+    # Another batch size maps the stored data position to other images; another canvas set or
+    # model to other batches / arrays: refused, naming every such key and both values.
+    changed = tiny_config(
+        num_steps=2,
+        batch_size=4,
+        **{"mesh.num_devices": 1, "eval.enabled": False, "checkpoint.every_steps": 1, "input.max_boxes": 7},
+    )
+    with pytest.raises(ValueError, match=r"batch_size: 2 -> 4; input.max_boxes: \d+ -> 7") as err:
+        train_loop.train_and_evaluate(changed, workdir)
+    assert "checkpoints" in str(err.value)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before  # nothing written
+
+    # Run length, logging and checkpoint cadence may change: resumed, and the changes are listed.
+    longer = tiny_config(
+        num_steps=2,
+        batch_size=2,
+        log_every_steps=1,
+        **{"mesh.num_devices": 1, "eval.enabled": False, "checkpoint.every_steps": 1},
+    )
+    with caplog.at_level("WARNING"):
+        train_loop.train_and_evaluate(longer, workdir)
+    assert "['log_every_steps', 'num_steps']" in caplog.text
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["1", "2"]

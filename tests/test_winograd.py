@@ -8,37 +8,43 @@ import numpy as np
 import pytest
 from jax import lax
 
-from retinanet_jax.backends.cpu import conv
-from retinanet_jax.backends.cpu import winograd
+from retinanet_jax.backends.cpu import conv, winograd
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _direct(x, w, padding):
-    return lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=NHWC,
-                                    precision=lax.Precision.HIGHEST)
+    return lax.conv_general_dilated(
+        x, w, (1, 1), padding, dimension_numbers=NHWC, precision=lax.Precision.HIGHEST
+    )
 
 
 def _value_and_grads(fn, x, w, padding):
     # sin: a cotangent that differs at every output pixel, so misplaced gradients show.
-    loss = lambda x, w: jnp.sum(jnp.sin(fn(x, w, padding)))
+    def loss(x, w):
+        return jnp.sum(jnp.sin(fn(x, w, padding)))
+
     return jax.jit(jax.value_and_grad(loss, (0, 1)))(x, w), jax.jit(fn, static_argnums=2)(x, w, padding)
 
 
-@pytest.mark.parametrize("shape, cout, padding", [
-    ((2, 16, 16, 8), 12, ((1, 1), (1, 1))),  # even output: whole tiles
-    ((2, 17, 15, 8), 5, ((1, 1), (1, 1))),  # odd output sizes: the last tile row/column cropped
-    ((1, 9, 10, 3), 4, ((0, 0), (0, 0))),  # 'VALID'
-    ((1, 8, 11, 4), 6, ((1, 0), (0, 1))),  # asymmetric padding
-    ((3, 1, 1, 4), 2, ((1, 1), (1, 1))),  # a 1x1 map (P7 of a small image)
-])
+@pytest.mark.parametrize(
+    "shape, cout, padding",
+    [
+        ((2, 16, 16, 8), 12, ((1, 1), (1, 1))),  # even output: whole tiles
+        ((2, 17, 15, 8), 5, ((1, 1), (1, 1))),  # odd output sizes: the last tile row/column cropped
+        ((1, 9, 10, 3), 4, ((0, 0), (0, 0))),  # 'VALID'
+        ((1, 8, 11, 4), 6, ((1, 0), (0, 1))),  # asymmetric padding
+        ((3, 1, 1, 4), 2, ((1, 1), (1, 1))),  # a 1x1 map (P7 of a small image)
+    ],
+)
 def test_equals_direct_convolution(shape, cout, padding):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape), jnp.float32)
     w = jnp.asarray(rng.normal(size=(3, 3, shape[-1], cout)), jnp.float32)
     (want_l, (want_dx, want_dw)), want = _value_and_grads(_direct, x, w, padding)
     (got_l, (got_dx, got_dw)), got = _value_and_grads(
-        lambda x, w, p: winograd.conv3x3(x, w, p, precision=lax.Precision.HIGHEST), x, w, padding)
+        lambda x, w, p: winograd.conv3x3(x, w, p, precision=lax.Precision.HIGHEST), x, w, padding
+    )
     assert got.shape == want.shape
     # float32 rounding only (the transforms add at most 4 terms with coefficients 1 and 1/2);
     # a misplaced tap or tile would be off by O(1) of the scale.
@@ -53,8 +59,7 @@ def test_identity_kernel_is_identity():
     # The centre tap alone copies the input (to rounding: the tiles sum and cancel terms).
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 7, 9, 5)), jnp.float32)
     w = jnp.zeros((3, 3, 5, 5)).at[1, 1].set(jnp.eye(5))
-    np.testing.assert_allclose(winograd.conv3x3(x, w, precision=lax.Precision.HIGHEST), x,
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(winograd.conv3x3(x, w, precision=lax.Precision.HIGHEST), x, rtol=0, atol=1e-6)
 
 
 def test_bfloat16_gemms_stay_close_to_float32():
@@ -65,8 +70,9 @@ def test_bfloat16_gemms_stay_close_to_float32():
     got = winograd.conv3x3(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
     assert got.dtype == jnp.bfloat16
     # bf16 operands (8-bit mantissa) summed over 576 taps in f32: ~1% of the output scale.
-    np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0,
-                               atol=2e-2 * float(jnp.max(jnp.abs(want))))
+    np.testing.assert_allclose(
+        got.astype(jnp.float32), want, rtol=0, atol=2e-2 * float(jnp.max(jnp.abs(want)))
+    )
 
 
 def test_rejects_other_kernels():
@@ -96,8 +102,7 @@ def test_conv_hook_uses_winograd_for_wide_stride1_3x3_on_cpu():
     rng = np.random.default_rng(3)
     xr = jnp.asarray(rng.normal(size=(1, 33, 35, 256)), jnp.float32)
     wr = jnp.asarray(rng.normal(size=(3, 3, 256, 256)) / 48, jnp.float32)
-    np.testing.assert_allclose(jax.jit(f)(xr, wr), _direct(xr, wr, ((1, 1), (1, 1))), rtol=0,
-                               atol=1e-5)
+    np.testing.assert_allclose(jax.jit(f)(xr, wr), _direct(xr, wr, ((1, 1), (1, 1))), rtol=0, atol=1e-5)
 
 
 def test_output_gradient_producer_is_computed_once():
@@ -108,7 +113,10 @@ def test_output_gradient_producer_is_computed_once():
     x = jnp.asarray(rng.normal(size=(2, 32, 32, 64)), jnp.float32)  # odd sizes pad g first
     w = jnp.asarray(rng.normal(size=(3, 3, 64, 64)) / 24, jnp.float32)
     y = jnp.asarray(rng.normal(size=(2, 32, 32, 64)), jnp.float32)
-    loss = lambda x, w: jnp.sum(jnp.sin(winograd.conv3x3(x, w) + y))
+
+    def loss(x, w):
+        return jnp.sum(jnp.sin(winograd.conv3x3(x, w) + y))
+
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
     assert hlo.count("cosine(") == 1
     # ... and the gradients are still the direct convolution's (f32: rounding only).
@@ -126,7 +134,10 @@ def test_bf16_kernel_gradient_stays_bf16():
     x = jnp.asarray(rng.normal(size=(2, 32, 32, 64)), jnp.bfloat16)  # 2 * 16 * 16 = 512 tiles
     w = jnp.asarray(rng.normal(size=(3, 3, 64, 48)), jnp.bfloat16)
     r = jnp.asarray(rng.normal(size=(2, 32, 32, 48)), jnp.float32)
-    loss = lambda x, w: jnp.sum(winograd.conv3x3(x, w).astype(jnp.float32) * r)
+
+    def loss(x, w):
+        return jnp.sum(winograd.conv3x3(x, w).astype(jnp.float32) * r)
+
     hlo = jax.jit(jax.grad(loss, (0, 1))).lower(x, w).compile().as_text()
     # The computation holding the dot that gives dU [16, Cin, Cout]: its operands' types.
     heads = re.findall(r"\((.*)\) -> f32\[16,64,48\](?:\{[^}]*\})? \{\n((?:.*\n)*?)\}", hlo)
@@ -147,11 +158,17 @@ def test_bf16_compute_from_float32_operands_rounds_the_transforms_once():
     w = jnp.asarray(rng.normal(size=(3, 3, 256, 256)) * 0.03, jnp.float32)
     pad = ((1, 1), (1, 1))
     exact = _direct(x, w, pad)
-    got = jax.jit(lambda x, w: winograd.conv3x3(x, w, pad, compute_dtype=jnp.bfloat16,
-                                                preferred_element_type=jnp.float32))(x, w)
+    got = jax.jit(
+        lambda x, w: winograd.conv3x3(
+            x, w, pad, compute_dtype=jnp.bfloat16, preferred_element_type=jnp.float32
+        )
+    )(x, w)
     assert got.dtype == jnp.float32
+
     # The same arithmetic spelt out: transforms in f32, rounded once, exact products.
-    rnd = lambda a: a.astype(jnp.bfloat16).astype(jnp.float32)
+    def rnd(a):
+        return a.astype(jnp.bfloat16).astype(jnp.float32)
+
     v, dims = winograd.input_transform(x, pad)
     u = rnd(winograd.kernel_transform(w))
     m = [jnp.dot(rnd(v_t), u[t], precision=lax.Precision.HIGHEST) for t, v_t in enumerate(v)]
@@ -159,8 +176,9 @@ def test_bf16_compute_from_float32_operands_rounds_the_transforms_once():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * float(jnp.abs(exact).max()))
 
     def rms_error(y):
-        return float(jnp.sqrt(jnp.mean((y - exact) ** 2) / jnp.mean(exact ** 2)))
+        return float(jnp.sqrt(jnp.mean((y - exact) ** 2) / jnp.mean(exact**2)))
 
-    rounded_first = winograd.conv3x3(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), pad,
-                                     preferred_element_type=jnp.float32)
+    rounded_first = winograd.conv3x3(
+        x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), pad, preferred_element_type=jnp.float32
+    )
     assert rms_error(got) < 0.92 * rms_error(rounded_first), (rms_error(got), rms_error(rounded_first))

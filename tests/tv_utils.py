@@ -18,8 +18,8 @@ import torch
 import torchvision
 from torchvision.models.detection import retinanet as tv_retinanet
 from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
-from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops import misc as tv_misc
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,7 +106,9 @@ def _make_lively(model: torch.nn.Module, seed: int) -> None:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached_model(variant: str, num_classes: int, seed: int, lively: bool, frozen_bn: bool) -> torch.nn.Module:
+def _cached_model(
+    variant: str, num_classes: int, seed: int, lively: bool, frozen_bn: bool
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = _builder(variant)(weights=None, weights_backbone=None, num_classes=num_classes)
     model.eval()
@@ -118,7 +120,9 @@ def _cached_model(variant: str, num_classes: int, seed: int, lively: bool, froze
             raise ValueError("frozen_bn=True reproduces the v1 COCO_V1 checkpoint layout only")
         sd = model.state_dict()
         body = torchvision.models.resnet50(norm_layer=tv_misc.FrozenBatchNorm2d)
-        backbone = _resnet_fpn_extractor(body, 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))
+        backbone = _resnet_fpn_extractor(
+            body, 5, returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256)
+        )
         model = tv_retinanet.RetinaNet(backbone, num_classes)
         model.load_state_dict(sd)
         torchvision.models.detection._utils.overwrite_eps(model, 0.0)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any, Optional
+from typing import Any
 
 EPILOG = """\
 Coverage = share of ground-truth boxes whose best anchor has IoU >= 0.5 (torchvision's fg_iou:
@@ -34,12 +34,23 @@ examples:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``anchors`` sub-command's arguments."""
     g = p.add_argument_group("dataset")
-    g.add_argument("--data", nargs="+", metavar="ARG", help="SOURCE KEY=VALUE ...: a data source "
-                   "(shapes, coco_json, voc_xml, csv, tfds) and its arguments")
-    g.add_argument("--config", help="a training config file (its dataset.<split>, input sizes, "
-                   "anchors and IoU thresholds)")
-    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. model.anchor_sizes='((16,20,25),...)' (repeatable)")
+    g.add_argument(
+        "--data",
+        nargs="+",
+        metavar="ARG",
+        help="SOURCE KEY=VALUE ...: a data source (shapes, coco_json, voc_xml, csv, tfds) and its arguments",
+    )
+    g.add_argument(
+        "--config",
+        help="a training config file (its dataset.<split>, input sizes, anchors and IoU thresholds)",
+    )
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. model.anchor_sizes='((16,20,25),...)' (repeatable)",
+    )
     g.add_argument("--split", choices=("train", "val"), default="train", help="config split (default train)")
     g.add_argument("--max-images", type=int, help="use a random sample of N images (default: all)")
     g = p.add_argument_group("training resize (default: the config's input.*, else 800 / 1333)")
@@ -50,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--json", metavar="FILE", help="also write the results as JSON")
 
 
-def _resize(args: argparse.Namespace, config: Any) -> tuple[tuple[int, ...], int, Optional[list]]:
+def _resize(args: argparse.Namespace, config: Any) -> tuple[tuple[int, ...], int, list | None]:
     inp = config.input if config is not None and "input" in config else None
     min_sizes = tuple(args.min_size) if args.min_size else (tuple(inp.min_sizes) if inp else (800,))
     max_size = args.max_size or (inp.max_size if inp else 1333)
@@ -61,11 +72,15 @@ def _resize(args: argparse.Namespace, config: Any) -> tuple[tuple[int, ...], int
 
 def _cov_json(cov: Any) -> dict:
     """JSON-safe: NaN (a size range without boxes) -> None."""
-    def num(v: float) -> Optional[float]:
+
+    def num(v: float) -> float | None:
         return None if v != v else v
 
-    return {"count": cov.count, "mean_iou": num(cov.mean_iou),
-            "share": {name: {str(t): num(v) for t, v in by_t.items()} for name, by_t in cov.share.items()}}
+    return {
+        "count": cov.count,
+        "mean_iou": num(cov.mean_iou),
+        "share": {name: {str(t): num(v) for t, v in by_t.items()} for name, by_t in cov.share.items()},
+    }
 
 
 def run(args: argparse.Namespace) -> int:
@@ -92,22 +107,32 @@ def run(args: argparse.Namespace) -> int:
     if not len(gt.boxes):
         raise ValueError(f"no ground-truth boxes in {gt.num_images} images of the dataset")
     scales = f"min_size {min_sizes[0]}" if len(min_sizes) == 1 else f"min_sizes {list(min_sizes)}"
-    print(f"{len(gt.boxes)} ground-truth boxes in {gt.num_images} images, resized as in training "
-          f"({scales}, max_size {max_size})")
+    print(
+        f"{len(gt.boxes)} ground-truth boxes in {gt.num_images} images, resized as in training "
+        f"({scales}, max_size {max_size})"
+    )
     cov = anchor_fit.anchor_coverage(gt.boxes, sizes, ratios, gt.canvas_hw, thresholds)
     default = (sizes, ratios) == anchor_fit.structured_anchors(32, (0.5, 1.0, 2.0))
-    print(f"\ncurrent anchors{' (torchvision default)' if default else ''}: sizes {list(sizes)}, "
-          f"aspect ratios (h/w) {list(ratios[0]) if len(set(ratios)) == 1 else list(ratios)}")
+    print(
+        f"\ncurrent anchors{' (torchvision default)' if default else ''}: sizes {list(sizes)}, "
+        f"aspect ratios (h/w) {list(ratios[0]) if len(set(ratios)) == 1 else list(ratios)}"
+    )
     print(anchor_fit.format_coverage(cov))
-    result = {"num_boxes": len(gt.boxes), "num_images": gt.num_images, "min_sizes": list(min_sizes),
-              "max_size": max_size, "current": {"anchor_sizes": sizes, "aspect_ratios": ratios,
-                                                "coverage": _cov_json(cov)}}
+    result = {
+        "num_boxes": len(gt.boxes),
+        "num_images": gt.num_images,
+        "min_sizes": list(min_sizes),
+        "max_size": max_size,
+        "current": {"anchor_sizes": sizes, "aspect_ratios": ratios, "coverage": _cov_json(cov)},
+    }
     if not args.no_search:
         found = anchor_fit.search_anchors(gt.boxes, gt.canvas_hw, thresholds=thresholds)
-        print(f"\nbest of {len(anchor_fit.SEARCH_BASES)} P3 base sizes "
-              f"({anchor_fit.SEARCH_BASES[0]}..{anchor_fit.SEARCH_BASES[-1]} px, doubling per level, "
-              f"scales 2^(0,1/3,2/3)) x 3 ratios of {list(anchor_fit.SEARCH_RATIOS)}: "
-              f"base {found.base}, ratios {list(found.ratios)}")
+        print(
+            f"\nbest of {len(anchor_fit.SEARCH_BASES)} P3 base sizes "
+            f"({anchor_fit.SEARCH_BASES[0]}..{anchor_fit.SEARCH_BASES[-1]} px, doubling per level, "
+            f"scales 2^(0,1/3,2/3)) x 3 ratios of {list(anchor_fit.SEARCH_RATIOS)}: "
+            f"base {found.base}, ratios {list(found.ratios)}"
+        )
         print(anchor_fit.format_coverage(found.coverage))
         t = thresholds[0]
         gain = found.coverage.at(t) - cov.at(t)
@@ -115,16 +140,25 @@ def run(args: argparse.Namespace) -> int:
         if gain <= 0:
             print(f"\nno searched anchors beat the current ones at IoU >= {t:g}; keep them")
         else:
-            print(f"\ncoverage at IoU >= {t:g}: {cov.at(t):.3f} -> {found.coverage.at(t):.3f}. "
-                  "Config overrides (in a config file's get_config()):")
+            print(
+                f"\ncoverage at IoU >= {t:g}: {cov.at(t):.3f} -> {found.coverage.at(t):.3f}. "
+                "Config overrides (in a config file's get_config()):"
+            )
             for key, value in overrides.items():
                 print(f"  c.{key} = {value!r}")
             print("or as train.py flags:")
             print("  " + " ".join(f"'--config.{k}={v!r}'" for k, v in overrides.items()))
-            print("(a torchvision-pretrained head was trained for the default anchors; fine-tuning "
-                  "adapts it to new ones)")
-        result["search"] = {"base": found.base, "ratios": list(found.ratios), **overrides,
-                            "coverage": _cov_json(found.coverage), "improves": gain > 0}
+            print(
+                "(a torchvision-pretrained head was trained for the default anchors; fine-tuning "
+                "adapts it to new ones)"
+            )
+        result["search"] = {
+            "base": found.base,
+            "ratios": list(found.ratios),
+            **overrides,
+            "coverage": _cov_json(found.coverage),
+            "improves": gain > 0,
+        }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

@@ -11,31 +11,42 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Optional
 
 from retinanet_jax.data.categories import default_category_ids
-from retinanet_jax.interop.model_dir import (MODEL_JSON, LoadedModel, is_model_dir, load_model_dir,
-                                             load_pth)
+from retinanet_jax.interop.model_dir import MODEL_JSON, LoadedModel, is_model_dir, load_model_dir, load_pth
 
 
-def _load_training(path: str, step: Optional[int]) -> LoadedModel:
+def _load_training(path: str, step: int | None) -> LoadedModel:
     from retinanet_jax.training import checkpoint
 
     if checkpoint.find_checkpoints(path, step) is None:
         raise ValueError(
             f"{path}: not a checkpoint. Expected a torchvision .pth file, a model directory with "
             f"{MODEL_JSON} (retinanet-jax convert), a train.py workdir (with checkpoints/), its "
-            "checkpoints/ directory or one step directory in it")
+            "checkpoints/ directory or one step directory in it"
+        )
     t = checkpoint.load_trained(path, step)
-    return LoadedModel(t.model, t.variables, t.class_names,
-                       t.category_ids or default_category_ids(t.model.num_classes),
-                       f"train.py checkpoint {t.where}", step=t.step, config=t.config,
-                       preprocess=t.preprocess)
+    return LoadedModel(
+        t.model,
+        t.variables,
+        t.class_names,
+        t.category_ids or default_category_ids(t.model.num_classes),
+        f"train.py checkpoint {t.where}",
+        step=t.step,
+        config=t.config,
+        preprocess=t.preprocess,
+    )
 
 
-def load_model(path: str, *, variant: Optional[str] = None, backbone: Optional[str] = None,
-               num_classes: Optional[int] = None, step: Optional[int] = None,
-               class_names: Optional[Sequence[str]] = None) -> LoadedModel:
+def load_model(
+    path: str,
+    *,
+    variant: str | None = None,
+    backbone: str | None = None,
+    num_classes: int | None = None,
+    step: int | None = None,
+    class_names: Sequence[str] | None = None,
+) -> LoadedModel:
     """Model, variables and class names from ``path`` (any kind in the module doc).
 
     ``variant`` / ``backbone`` / ``num_classes`` apply to ``.pth`` files (None = read from the
@@ -47,14 +58,20 @@ def load_model(path: str, *, variant: Optional[str] = None, backbone: Optional[s
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or directory")
     if os.path.isfile(path):
-        loaded = load_pth(path, variant=variant, backbone=backbone, num_classes=num_classes,
-                          class_names=class_names)
+        loaded = load_pth(
+            path, variant=variant, backbone=backbone, num_classes=num_classes, class_names=class_names
+        )
     else:
-        given = [n for n, v in (("variant", variant), ("backbone", backbone), ("num_classes", num_classes))
-                 if v is not None]
+        given = [
+            n
+            for n, v in (("variant", variant), ("backbone", backbone), ("num_classes", num_classes))
+            if v is not None
+        ]
         if given:
-            raise ValueError(f"{path}: {', '.join(given)} only apply to torchvision .pth files; a "
-                             "directory stores its architecture")
+            raise ValueError(
+                f"{path}: {', '.join(given)} only apply to torchvision .pth files; a "
+                "directory stores its architecture"
+            )
         loaded = load_model_dir(path) if is_model_dir(path) else _load_training(path, step)
         if class_names is not None:
             loaded.class_names = list(class_names)
@@ -62,5 +79,6 @@ def load_model(path: str, *, variant: Optional[str] = None, backbone: Optional[s
         raise ValueError(
             f"{path}: {len(loaded.class_names)} class names for a model with "
             f"{loaded.model.num_classes} outputs (give one name per output; torchvision models "
-            "count the background label 0 too)")
+            "count the background label 0 too)"
+        )
     return loaded

@@ -15,10 +15,27 @@ from PIL import Image, ImageDraw, ImageFont
 
 # 20 well-separated colours (Tableau 20 order): label i gets PALETTE[i % 20].
 PALETTE = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207),
-    (174, 199, 232), (255, 187, 120), (152, 223, 138), (255, 152, 150), (197, 176, 213),
-    (196, 156, 148), (247, 182, 210), (199, 199, 199), (219, 219, 141), (158, 218, 229))
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+    (188, 189, 34),
+    (23, 190, 207),
+    (174, 199, 232),
+    (255, 187, 120),
+    (152, 223, 138),
+    (255, 152, 150),
+    (197, 176, 213),
+    (196, 156, 148),
+    (247, 182, 210),
+    (199, 199, 199),
+    (219, 219, 141),
+    (158, 218, 229),
+)
 
 
 def font(size: int) -> ImageFont.ImageFont:
@@ -34,13 +51,40 @@ def _text_colour(fill: tuple[int, int, int]) -> tuple[int, int, int]:
     return (0, 0, 0) if 0.299 * fill[0] + 0.587 * fill[1] + 0.114 * fill[2] > 150 else (255, 255, 255)
 
 
-def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
-                    label_name: Callable[[int], str], *, threshold: float = 0.5) -> Image.Image:
+def downscale(image: np.ndarray, max_size: int) -> tuple[np.ndarray, float]:
+    """(uint8 ``image`` with its long side reduced to ``max_size``, the scale applied); strided
+    decimation to at most twice the target first (no full-size copy of a huge image), then
+    Pillow's antialiased bilinear resize. Images already small enough are returned as is."""
+    h, w = image.shape[:2]
+    if max_size is None or max(h, w) <= max_size:
+        return image, 1.0
+    scale = max_size / max(h, w)
+    oh, ow = max(1, round(h * scale)), max(1, round(w * scale))
+    step = max(1, min(h // (2 * oh), w // (2 * ow)))
+    small = Image.fromarray(np.ascontiguousarray(np.asarray(image, np.uint8)[::step, ::step]))
+    return np.asarray(small.convert("RGB").resize((ow, oh), Image.BILINEAR)), scale
+
+
+def draw_detections(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    labels: np.ndarray,
+    label_name: Callable[[int], str],
+    *,
+    threshold: float = 0.5,
+    max_size: int | None = None,
+) -> Image.Image:
     """RGB PIL image of uint8 ``image`` [H, W, 3] with detections above ``threshold`` drawn.
 
     ``boxes`` float [N, 4] xyxy in ``image``'s pixels, ``scores`` [N], ``labels`` [N]. Lower
-    scores are drawn first, so the most confident box and tag end up on top.
+    scores are drawn first, so the most confident box and tag end up on top. ``max_size``: a
+    larger image is drawn downscaled to that long side (large tiled images); line width and
+    tag font follow the drawn size, and boxes smaller than their outline are drawn enlarged
+    around their centre so that every box stays visible.
     """
+    image, scale = downscale(image, max_size)
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4) * np.float32(scale)
     out = Image.fromarray(np.asarray(image, np.uint8)).convert("RGB")
     h, w = image.shape[:2]
     draw = ImageDraw.Draw(out)
@@ -50,6 +94,10 @@ def draw_detections(image: np.ndarray, boxes: np.ndarray, scores: np.ndarray, la
     for i in keep:
         colour = PALETTE[int(labels[i]) % len(PALETTE)]
         x1, y1, x2, y2 = (float(v) for v in boxes[i])
+        if scale < 1:  # at least a ring of 2 * width + 2 px, centred on the box
+            grow_x = max(0.0, (2 * width + 2 - (x2 - x1)) / 2)
+            grow_y = max(0.0, (2 * width + 2 - (y2 - y1)) / 2)
+            x1, x2, y1, y2 = x1 - grow_x, x2 + grow_x, y1 - grow_y, y2 + grow_y
         draw.rectangle([x1, y1, max(x1, x2 - 1), max(y1, y2 - 1)], outline=colour, width=width)
         text = f"{label_name(int(labels[i]))} {float(scores[i]):.2f}"
         left, top, right, bottom = draw.textbbox((0, 0), text, font=tag_font)
@@ -67,8 +115,9 @@ _SIZE = (640, 480)
 _MARGIN = {"left": 70, "right": 20, "top": 66, "bottom": 56}
 
 
-def pr_plot(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str,
-            subtitle: str = "") -> Image.Image:
+def pr_plot(
+    curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str, subtitle: str = ""
+) -> Image.Image:
     """Precision-recall chart: ``curves`` = ``[(legend text, recall [R], precision [R]), ...]``.
 
     Axes run 0..1 with ticks every 0.2; precision values < 0 (pycocotools' "no data") are
@@ -114,8 +163,9 @@ def pr_plot(curves: Sequence[tuple[str, np.ndarray, np.ndarray]], title: str,
     return img
 
 
-def _vertical_text(img: Image.Image, text: str, centre: tuple[float, float],
-                   text_font: ImageFont.ImageFont) -> None:
+def _vertical_text(
+    img: Image.Image, text: str, centre: tuple[float, float], text_font: ImageFont.ImageFont
+) -> None:
     """Paste ``text`` rotated by 90 degrees (reading upwards) centred at ``centre``."""
     left, top, right, bottom = ImageDraw.Draw(img).textbbox((0, 0), text, font=text_font)
     label = Image.new("RGB", (right - left + 2, bottom - top + 2), "white")

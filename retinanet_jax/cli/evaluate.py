@@ -14,18 +14,17 @@ COCO dataset's 80 classes this way; the unused outputs are dropped) or, with
 from __future__ import annotations
 
 import ast
+import collections
 import contextlib
 import io
-import collections
 import json
 import os
 import re
 import sys
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
-
 
 # ------------------------------------------------------------------------------ dataset
 
@@ -75,8 +74,7 @@ def load_config(path: str, overrides: dict[str, Any]) -> Any:
     return config
 
 
-def build_source(data: Optional[Sequence[str]], config: Any, split: str,
-                 model_names: Optional[list[str]]) -> Any:
+def build_source(data: Sequence[str] | None, config: Any, split: str, model_names: list[str] | None) -> Any:
     """The evaluation split: ``--data SOURCE k=v ...`` or ``config.dataset.<split>``."""
     from retinanet_jax.data.registry import SourceArgumentError, make_source
 
@@ -100,8 +98,9 @@ def build_source(data: Optional[Sequence[str]], config: Any, split: str,
 # ------------------------------------------------------------------------------ label mapping
 
 
-def label_mapping(model_names: Optional[list[str]], num_outputs: int, data_names: list[str],
-                  mode: str = "auto") -> np.ndarray:
+def label_mapping(
+    model_names: list[str] | None, num_outputs: int, data_names: list[str], mode: str = "auto"
+) -> np.ndarray:
     """int [num_outputs]: model label -> dataset label, -1 = output not in the dataset."""
     mapping = np.full(num_outputs, -1, np.int64)
     by_name = mode == "name" or (mode == "auto" and model_names is not None)
@@ -115,11 +114,12 @@ def label_mapping(model_names: Optional[list[str]], num_outputs: int, data_names
         if missing:
             raise ValueError(
                 f"dataset classes {[data_names[i] for i in missing]} are not among the model's "
-                f"classes {model_names}; use --class-map index to pair them by position")
+                f"classes {model_names}; use --class-map index to pair them by position"
+            )
         return mapping
     if num_outputs < len(data_names):
         raise ValueError(f"the model has {num_outputs} outputs, the dataset {len(data_names)} classes")
-    mapping[:len(data_names)] = np.arange(len(data_names))
+    mapping[: len(data_names)] = np.arange(len(data_names))
     return mapping
 
 
@@ -130,8 +130,14 @@ class EvalView:
     are not dataset classes get unused category ids (no ground truth: pycocotools skips them).
     """
 
-    def __init__(self, source: Any, mapping: np.ndarray, model_names: Optional[list[str]],
-                 data_ids: list[int], progress: Any = None):
+    def __init__(
+        self,
+        source: Any,
+        mapping: np.ndarray,
+        model_names: list[str] | None,
+        data_ids: list[int],
+        progress: Any = None,
+    ):
         self.source, self.progress = source, progress
         self.inverse = np.zeros(len(source.class_names), np.int64)
         for label, d in enumerate(mapping):
@@ -140,8 +146,10 @@ class EvalView:
         spare = max(data_ids) + 1
         self.label_to_category_id = [data_ids[d] if d >= 0 else spare + i for i, d in enumerate(mapping)]
         data_names = list(source.class_names)
-        self.class_names = [model_names[i] if model_names else (data_names[d] if d >= 0 else f"unused {i}")
-                            for i, d in enumerate(mapping)]
+        self.class_names = [
+            model_names[i] if model_names else (data_names[d] if d >= 0 else f"unused {i}")
+            for i, d in enumerate(mapping)
+        ]
         self.ground_truth: dict[int, dict] = {}
 
     def __len__(self) -> int:
@@ -154,8 +162,11 @@ class EvalView:
         ex = self.source[i]
         labels = np.asarray(ex["labels"], np.int64)
         self.ground_truth[int(ex["image_id"])] = {
-            "image_id": int(ex["image_id"]), "image_hw": tuple(ex["image"].shape[:2]),
-            "boxes": np.asarray(ex["boxes"], np.float32), "labels": labels}
+            "image_id": int(ex["image_id"]),
+            "image_hw": tuple(ex["image"].shape[:2]),
+            "boxes": np.asarray(ex["boxes"], np.float32),
+            "labels": labels,
+        }
         if self.progress is not None:
             self.progress.update(1)
         return {**ex, "labels": self.inverse[labels].astype(np.int32)}
@@ -199,8 +210,10 @@ def write_plots(out_dir: str, recall: np.ndarray, precision: np.ndarray, names: 
     def curves(p: np.ndarray) -> list:  # p: [T, R] for one class or the class mean
         # Only a class without ground truth has -1 entries (then all of them are -1).
         mean_t = p.mean(0) if (p > -1).all() else np.full(p.shape[1], -1.0)
-        return [(f"IoU 0.50: AP50 = {_mean_valid(p[0]):.3f}", recall, p[0]),
-                (f"mean over IoU 0.50:0.95: AP = {_mean_valid(p):.3f}", recall, mean_t)]
+        return [
+            (f"IoU 0.50: AP50 = {_mean_valid(p[0]):.3f}", recall, p[0]),
+            (f"mean over IoU 0.50:0.95: AP = {_mean_valid(p):.3f}", recall, mean_t),
+        ]
 
     sub = "COCOeval interpolated precision, area all, maxDets 100"
     written = []
@@ -217,14 +230,25 @@ def write_plots(out_dir: str, recall: np.ndarray, precision: np.ndarray, names: 
     return written
 
 
-def format_report(metrics: dict, names: list[str], ap: list[float], ap50: list[float],
-                  gt_counts: list[int], header: str) -> str:
+def format_report(
+    metrics: dict, names: list[str], ap: list[float], ap50: list[float], gt_counts: list[int], header: str
+) -> str:
     """The COCO summary and a per-class table as text."""
     rows = [header, "-" * 56]
-    rows += [f"  {k:<6}{metrics[k]:>8.4f}   {d}" for k, d in (
-        ("AP", "IoU 0.50:0.95, area all, maxDets 100"), ("AP50", "IoU 0.50"), ("AP75", "IoU 0.75"),
-        ("APs", "small (< 32^2 px)"), ("APm", "medium"), ("APl", "large (> 96^2 px)"),
-        ("AR1", "recall, maxDets 1"), ("AR10", "maxDets 10"), ("AR100", "maxDets 100"))]
+    rows += [
+        f"  {k:<6}{metrics[k]:>8.4f}   {d}"
+        for k, d in (
+            ("AP", "IoU 0.50:0.95, area all, maxDets 100"),
+            ("AP50", "IoU 0.50"),
+            ("AP75", "IoU 0.75"),
+            ("APs", "small (< 32^2 px)"),
+            ("APm", "medium"),
+            ("APl", "large (> 96^2 px)"),
+            ("AR1", "recall, maxDets 1"),
+            ("AR10", "maxDets 10"),
+            ("AR100", "maxDets 100"),
+        )
+    ]
     rows += ["-" * 56, f"  {'class':<28}{'AP':>8}{'AP50':>8}{'#gt':>8}"]
     rows += [f"  {n[:27]:<28}{a:>8.4f}{b:>8.4f}{c:>8d}" for n, a, b, c in zip(names, ap, ap50, gt_counts)]
     return "\n".join(rows)
@@ -238,19 +262,24 @@ def _counted(names: list[str]) -> str:
 
 def run_evaluate(loaded: Any, source: Any, *, out_dir: str, class_map: str, **options: Any) -> int:
     """Evaluate, print the table, write detections.json / metrics.json / PR plots to ``out_dir``."""
-    from retinanet_jax.evaluation import loop as evaluation
     from retinanet_jax.cli.progress import ImageProgress
     from retinanet_jax.data.categories import default_category_ids
+    from retinanet_jax.evaluation import loop as evaluation
 
     data_names = [str(n) for n in source.class_names]
-    data_ids = list(getattr(source, "label_to_category_id", None)
-                    or default_category_ids(len(data_names)))
+    data_ids = list(getattr(source, "label_to_category_id", None) or default_category_ids(len(data_names)))
     mapping = label_mapping(loaded.class_names, loaded.model.num_classes, data_names, class_map)
-    absent = [{"label": label, "name": loaded.label_name(label)}
-              for label in range(loaded.model.num_classes) if mapping[label] < 0]
+    absent = [
+        {"label": label, "name": loaded.label_name(label)}
+        for label in range(loaded.model.num_classes)
+        if mapping[label] < 0
+    ]
     if absent:
-        print(f"{len(absent)} of {loaded.model.num_classes} model outputs are not dataset classes "
-              f"(absent: no AP): {_counted([a['name'] for a in absent])}", file=sys.stderr)
+        print(
+            f"{len(absent)} of {loaded.model.num_classes} model outputs are not dataset classes "
+            f"(absent: no AP): {_counted([a['name'] for a in absent])}",
+            file=sys.stderr,
+        )
     total = len(source) if options.get("max_images") is None else min(len(source), options["max_images"])
     progress = ImageProgress(total)
     view = EvalView(source, mapping, loaded.class_names, data_ids, progress)
@@ -270,17 +299,22 @@ def run_evaluate(loaded: Any, source: Any, *, out_dir: str, class_map: str, **op
     recall, precision = precision_arrays(coco_gt, results, data_ids)
     ap = [_mean_valid(precision[:, :, k]) for k in range(len(data_names))]
     ap50 = [_mean_valid(precision[0, :, k]) for k in range(len(data_names))]
-    counts = np.bincount(np.concatenate([g["labels"] for g in gts] or [np.zeros(0, np.int64)]),
-                         minlength=len(data_names)).tolist()
+    counts = np.bincount(
+        np.concatenate([g["labels"] for g in gts] or [np.zeros(0, np.int64)]), minlength=len(data_names)
+    ).tolist()
     header = f"COCO bbox metrics of {loaded.source} on {metrics['num_images']} images"
     print(format_report(metrics, data_names, ap, ap50, counts, header))
     plots = write_plots(out_dir, recall, precision, data_names)
     summary = {k: metrics[k] for k in (*evaluation.COCO_METRICS, "AR1", "AR10", "AR100", "num_images")}
-    summary["per_class"] = {n: {"AP": a, "AP50": b, "num_gt": c}
-                            for n, a, b, c in zip(data_names, ap, ap50, counts)}
+    summary["per_class"] = {
+        n: {"AP": a, "AP50": b, "num_gt": c} for n, a, b, c in zip(data_names, ap, ap50, counts)
+    }
     summary["absent_outputs"] = absent
     summary["checkpoint"], summary["step"] = loaded.source, loaded.step
     evaluation.write_json_atomic(_no_nan(summary), os.path.join(out_dir, "metrics.json"))
-    print(f"detections -> {det_path}; metrics -> {os.path.join(out_dir, 'metrics.json')}; "
-          f"{len(plots)} precision-recall plots -> {out_dir}", file=sys.stderr)
+    print(
+        f"detections -> {det_path}; metrics -> {os.path.join(out_dir, 'metrics.json')}; "
+        f"{len(plots)} precision-recall plots -> {out_dir}",
+        file=sys.stderr,
+    )
     return 0

@@ -13,14 +13,13 @@ import glob
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
 from retinanet_jax.cli.progress import ImageProgress
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
-                    ".pgm", ".pbm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
 def expand_inputs(inputs: Sequence[str], recursive: bool = False) -> tuple[list[str], list[str]]:
@@ -30,12 +29,16 @@ def expand_inputs(inputs: Sequence[str], recursive: bool = False) -> tuple[list[
         if os.path.isfile(item):
             found = [item]
         elif os.path.isdir(item):
-            walk = (os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs) if recursive \
+            walk = (
+                (os.path.join(d, f) for d, _, fs in os.walk(item) for f in fs)
+                if recursive
                 else (os.path.join(item, f) for f in os.listdir(item))
+            )
             found = sorted(p for p in walk if p.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(p))
             if not found:
-                errors.append(f"{item}: no image files in this directory "
-                              f"(extensions {', '.join(IMAGE_EXTENSIONS)})")
+                errors.append(
+                    f"{item}: no image files in this directory (extensions {', '.join(IMAGE_EXTENSIONS)})"
+                )
         else:
             found = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
             if not found:
@@ -48,7 +51,7 @@ def expand_inputs(inputs: Sequence[str], recursive: bool = False) -> tuple[list[
     return paths, errors
 
 
-def _decode(path: str) -> tuple[Optional[np.ndarray], Optional[str]]:
+def _decode(path: str) -> tuple[np.ndarray | None, str | None]:
     from retinanet_jax.data.decode import read_image
     from retinanet_jax.data.errors import DataError
 
@@ -63,7 +66,7 @@ def _decoded_chunks(paths: list[str], size: int) -> Iterator[list[tuple[int, str
     threads while the caller runs the current one (PIL releases the GIL while decoding)."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         starts = range(0, len(paths), size)
-        submit = lambda s: [pool.submit(_decode, p) for p in paths[s:s + size]]  # noqa: E731
+        submit = lambda s: [pool.submit(_decode, p) for p in paths[s : s + size]]  # noqa: E731
         pending = submit(0) if paths else []
         for s in starts:
             current, pending = pending, (submit(s + size) if s + size < len(paths) else [])
@@ -79,9 +82,23 @@ def _overlay_names(paths: list[str]) -> list[str]:
     return [f"{s}.png" if counts[s] == 1 else f"{s}_{i + 1}.png" for i, s in enumerate(stems)]
 
 
-def run_predict(loaded: Any, inputs: Sequence[str], *, output: str, draw_dir: Optional[str],
-                display_thresh: float, recursive: bool, batch_size: int, **predict_options: Any) -> int:
-    """Run the whole command; returns the exit status (0 ok, 1 some inputs failed)."""
+def run_predict(
+    loaded: Any,
+    inputs: Sequence[str],
+    *,
+    output: str,
+    draw_dir: str | None,
+    display_thresh: float,
+    recursive: bool,
+    batch_size: int,
+    draw_max_size: int | None = None,
+    **predict_options: Any,
+) -> int:
+    """Run the whole command; returns the exit status (0 ok, 1 some inputs failed).
+
+    With ``tile_size`` in ``predict_options`` images are predicted by tiles (``batch_size``
+    tiles per step) and decoded one at a time, so that only one large image is in memory.
+    Overlays are drawn at most ``draw_max_size`` px on their long side."""
     from retinanet_jax.cli import draw
     from retinanet_jax.evaluation.loop import detections_to_coco, write_json_atomic
     from retinanet_jax.inference.predict import Predictor
@@ -97,7 +114,8 @@ def run_predict(loaded: Any, inputs: Sequence[str], *, output: str, draw_dir: Op
     failed = list(errors)
     progress = ImageProgress(len(paths))
     try:
-        for chunk in _decoded_chunks(paths, batch_size):
+        tiled = predict_options.get("tile_size") is not None
+        for chunk in _decoded_chunks(paths, 1 if tiled else batch_size):
             good = [(i, p, im) for i, p, im, err in chunk if err is None]
             for _, path, _, err in chunk:
                 if err is not None:
@@ -112,8 +130,15 @@ def run_predict(loaded: Any, inputs: Sequence[str], *, output: str, draw_dir: Op
                         entry["category_name"] = loaded.label_name(int(label))
                 results += coco
                 if draw_dir:
-                    picture = draw.draw_detections(image, det["boxes"], det["scores"], det["labels"],
-                                                   loaded.label_name, threshold=display_thresh)
+                    picture = draw.draw_detections(
+                        image,
+                        det["boxes"],
+                        det["scores"],
+                        det["labels"],
+                        loaded.label_name,
+                        threshold=display_thresh,
+                        max_size=draw_max_size,
+                    )
                     picture.save(os.path.join(draw_dir, overlay[i]), format="PNG")
             progress.update(len(chunk), len(chunk) - len(good))
     finally:
@@ -121,10 +146,11 @@ def run_predict(loaded: Any, inputs: Sequence[str], *, output: str, draw_dir: Op
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     write_json_atomic(results, output)
     ok = len(paths) - (len(failed) - len(errors))
-    print(f"{ok} images, {len(results)} detections (score > {predictor.options.score_thresh}) "
-          f"-> {output}" + (f"; overlays -> {draw_dir}" if draw_dir else ""))
+    print(
+        f"{ok} images, {len(results)} detections (score > {predictor.options.score_thresh}) "
+        f"-> {output}" + (f"; overlays -> {draw_dir}" if draw_dir else "")
+    )
     if failed:
         print(f"{len(failed)} input(s) failed:\n  " + "\n  ".join(failed), file=sys.stderr)
         return 1
     return 0
-

@@ -30,8 +30,11 @@ class ImageProgress:
         if now - self._last >= self.every or self.done >= self.total:
             self._last = now
             rate = self.done / max(now - self._t0, 1e-9)
-            print(f"{self.done}/{self.total} {self.what} ({self.failed} failed, {rate:.1f}/s)",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{self.done}/{self.total} {self.what} ({self.failed} failed, {rate:.1f}/s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def warn(self, message: str) -> None:
         """Print ``message`` on stderr without breaking the bar."""

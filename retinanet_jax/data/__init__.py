@@ -15,6 +15,14 @@ from retinanet_jax.data.voc_xml import VOC_CLASSES, VocXmlSource
 from retinanet_jax.imageprep.geometry import make_buckets, resized_size
 
 __all__ = [
-    "CocoJsonSource", "CsvSource", "DataError", "ShapesSource", "TfdsSource",
-    "TrainBatchIterator", "VOC_CLASSES", "VocXmlSource", "make_buckets", "resized_size",
+    "CocoJsonSource",
+    "CsvSource",
+    "DataError",
+    "ShapesSource",
+    "TfdsSource",
+    "TrainBatchIterator",
+    "VOC_CLASSES",
+    "VocXmlSource",
+    "make_buckets",
+    "resized_size",
 ]

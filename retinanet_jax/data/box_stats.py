@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 
@@ -34,7 +34,7 @@ class TrainingBoxes:
     num_images: int
 
 
-def _annotation(source: Any, i: int) -> tuple[Optional[tuple[int, int]], np.ndarray, np.ndarray]:
+def _annotation(source: Any, i: int) -> tuple[tuple[int, int] | None, np.ndarray, np.ndarray]:
     """(original (h, w), boxes, labels) of example ``i``, without decoding where possible."""
     indices, inner = getattr(source, "indices", None), getattr(source, "source", None)
     if indices is not None and inner is not None:  # a subset view (training's NonEmptySubset)
@@ -44,13 +44,22 @@ def _annotation(source: Any, i: int) -> tuple[Optional[tuple[int, int]], np.ndar
         rec = records[i]
         return tuple(rec.hw), np.asarray(rec.boxes, np.float32), np.asarray(rec.labels, np.int32)
     ex = source[i]
-    return (tuple(ex["image"].shape[:2]), np.asarray(ex["boxes"], np.float32).reshape(-1, 4),
-            np.asarray(ex["labels"], np.int32).reshape(-1))
+    return (
+        tuple(ex["image"].shape[:2]),
+        np.asarray(ex["boxes"], np.float32).reshape(-1, 4),
+        np.asarray(ex["labels"], np.int32).reshape(-1),
+    )
 
 
-def training_boxes(source: Any, min_sizes: Union[int, Sequence[int]], max_size: int, *,
-                   buckets: Optional[Sequence[tuple[int, int]]] = None,
-                   max_images: Optional[int] = None, seed: int = 0) -> TrainingBoxes:
+def training_boxes(
+    source: Any,
+    min_sizes: int | Sequence[int],
+    max_size: int,
+    *,
+    buckets: Sequence[tuple[int, int]] | None = None,
+    max_images: int | None = None,
+    seed: int = 0,
+) -> TrainingBoxes:
     """The ground-truth boxes of ``source`` in the pixels the model trains on.
 
     ``min_sizes``/``max_size``: the training resize (``config.input.min_sizes`` / ``max_size``);
@@ -71,15 +80,20 @@ def training_boxes(source: Any, min_sizes: Union[int, Sequence[int]], max_size: 
         hint = size_hint(int(i))
         # TrainBatchIterator adds the unknown-size canvas to its buckets when a size is unknown.
         canvas = geometry.image_bucket(
-            hint, geometry.with_unknown_size_canvas(buckets, max_size, [hint]), top, max_size)
+            hint, geometry.with_unknown_size_canvas(buckets, max_size, [hint]), top, max_size
+        )
         for min_size in min_sizes:
             new_hw = geometry.resized_size(hw, min_size, max_size)
             out_boxes.append(transforms.resize_boxes(boxes, hw, new_hw))
             out_canvas.append(np.tile(np.asarray(canvas, np.int64), (len(boxes), 1)))
             out_labels.append(labels)
     if not out_boxes:
-        return TrainingBoxes(np.zeros((0, 4), np.float32), np.zeros((0, 2), np.int64),
-                             np.zeros((0,), np.int32), 0)
-    return TrainingBoxes(np.concatenate(out_boxes).reshape(-1, 4),
-                         np.concatenate(out_canvas).reshape(-1, 2),
-                         np.concatenate(out_labels), len(order))
+        return TrainingBoxes(
+            np.zeros((0, 4), np.float32), np.zeros((0, 2), np.int64), np.zeros((0,), np.int32), 0
+        )
+    return TrainingBoxes(
+        np.concatenate(out_boxes).reshape(-1, 4),
+        np.concatenate(out_canvas).reshape(-1, 2),
+        np.concatenate(out_labels),
+        len(order),
+    )

@@ -18,13 +18,15 @@ from __future__ import annotations
 import collections
 import json
 import os
-from typing import Optional
-
-import numpy as np
 
 from retinanet_jax.data import decode
-from retinanet_jax.data.records import (BadRecords, DataError, FileDetectionSource,
-                                        ImageRecord, box_faults, stack_boxes)
+from retinanet_jax.data.records import (
+    BadRecords,
+    DataError,
+    FileDetectionSource,
+    ImageRecord,
+    checked_boxes,
+)
 
 
 class CocoJsonSource(FileDetectionSource):
@@ -37,8 +39,9 @@ class CocoJsonSource(FileDetectionSource):
       check_files: check at construction that every image file exists (one ``stat`` each).
     """
 
-    def __init__(self, annotation_file: str, image_dir: str, on_bad_record: str = "error",
-                 check_files: bool = True):
+    def __init__(
+        self, annotation_file: str, image_dir: str, on_bad_record: str = "error", check_files: bool = True
+    ):
         bad = BadRecords(on_bad_record, annotation_file)
         try:
             with open(annotation_file) as f:
@@ -54,7 +57,8 @@ class CocoJsonSource(FileDetectionSource):
         categories = sorted(data["categories"], key=lambda c: c["id"])
         self.label_to_category_id: list[int] = [int(c["id"]) for c in categories]
         self.category_id_to_label: dict[int, int] = {
-            cid: label for label, cid in enumerate(self.label_to_category_id)}
+            cid: label for label, cid in enumerate(self.label_to_category_id)
+        }
         if len(self.category_id_to_label) != len(categories):
             raise DataError(f"{annotation_file}: duplicate category ids in 'categories'")
         class_names = [str(c.get("name", c["id"])) for c in categories]
@@ -64,8 +68,7 @@ class CocoJsonSource(FileDetectionSource):
             try:
                 images[int(entry["id"])] = entry
             except (KeyError, TypeError, ValueError) as e:
-                raise DataError(f"{annotation_file}: image entry without a valid 'id': "
-                                f"{entry!r}") from e
+                raise DataError(f"{annotation_file}: image entry without a valid 'id': {entry!r}") from e
 
         per_image = collections.defaultdict(list)
         for ann in data["annotations"]:
@@ -95,7 +98,7 @@ class CocoJsonSource(FileDetectionSource):
             if check_files and not os.path.isfile(path):
                 bad.report(where_image, f"image file not found: {path}")
                 continue
-            hw: Optional[tuple[int, int]] = None
+            hw: tuple[int, int] | None = None
             if entry.get("height") and entry.get("width"):
                 hw = (int(entry["height"]), int(entry["width"]))
             elif check_files:
@@ -105,13 +108,22 @@ class CocoJsonSource(FileDetectionSource):
                     bad.report(where_image, str(e), kind="unreadable image")
                     continue
             anns = per_image.get(image_id, [])
-            boxes, labels = stack_boxes([a[1] for a in anns], [a[2] for a in anns])
-            boxes, faults = box_faults(boxes, hw)
-            for n, reason in faults.items():
-                bad.report(f"{annotation_file}: annotation id {anns[n][0]} (image id {image_id})",
-                           reason)
-            keep = np.array([n not in faults for n in range(len(labels))], bool)
-            records.append(ImageRecord(path=path, image_id=image_id, boxes=boxes[keep],
-                                       labels=labels[keep], hw=hw, where=where_image))
+            boxes, labels, _ = checked_boxes(
+                [a[1] for a in anns],
+                [a[2] for a in anns],
+                hw,
+                bad,
+                lambda n: f"{annotation_file}: annotation id {anns[n][0]} (image id {image_id})",
+            )
+            records.append(
+                ImageRecord(
+                    path=path,
+                    image_id=image_id,
+                    boxes=boxes,
+                    labels=labels,
+                    hw=hw,
+                    where=where_image,
+                )
+            )
         bad.log_summary()
         super().__init__(records, class_names, dict(bad.counts))

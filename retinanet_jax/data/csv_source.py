@@ -16,13 +16,15 @@ from __future__ import annotations
 import collections
 import csv
 import os
-from typing import Optional
-
-import numpy as np
 
 from retinanet_jax.data import decode
-from retinanet_jax.data.records import (BadRecords, DataError, FileDetectionSource,
-                                        ImageRecord, box_faults, stack_boxes)
+from retinanet_jax.data.records import (
+    BadRecords,
+    DataError,
+    FileDetectionSource,
+    ImageRecord,
+    checked_boxes,
+)
 
 HEADER = ["image_path", "x1", "y1", "x2", "y2", "class_name"]
 
@@ -44,8 +46,9 @@ def read_classes_file(path: str) -> list[str]:
                 raise DataError(f"{path}: line {n}: expected 'name,id', got {r!r}") from e
             by_id[cid] = name
         if sorted(by_id) != list(range(len(rows))):
-            raise DataError(f"{path}: class ids must be 0..{len(rows) - 1} without gaps or "
-                            f"repeats, got {sorted(by_id)}")
+            raise DataError(
+                f"{path}: class ids must be 0..{len(rows) - 1} without gaps or repeats, got {sorted(by_id)}"
+            )
         names = [by_id[i] for i in range(len(rows))]
     if len(set(names)) != len(names):
         raise DataError(f"{path}: duplicate class names")
@@ -61,8 +64,7 @@ class CsvSource(FileDetectionSource):
       on_bad_record: "error" (raise ``DataError`` naming the CSV file and line) or "drop".
     """
 
-    def __init__(self, csv_file: str, classes_file: Optional[str] = None,
-                 on_bad_record: str = "error"):
+    def __init__(self, csv_file: str, classes_file: str | None = None, on_bad_record: str = "error"):
         bad = BadRecords(on_bad_record, csv_file)
         base = os.path.dirname(os.path.abspath(csv_file))
         try:
@@ -81,8 +83,9 @@ class CsvSource(FileDetectionSource):
                 continue
             where = f"{csv_file}: line {line}"
             if len(row) != 6:
-                bad.report(where, f"expected 6 fields image_path,x1,y1,x2,y2,class_name, "
-                                  f"got {len(row)}: {row!r}")
+                bad.report(
+                    where, f"expected 6 fields image_path,x1,y1,x2,y2,class_name, got {len(row)}: {row!r}"
+                )
                 continue
             path = os.path.normpath(os.path.join(base, row[0].strip()))
             if path not in images:
@@ -118,15 +121,25 @@ class CsvSource(FileDetectionSource):
                 if name in label_of:
                     known.append((line, box, label_of[name]))
                 else:
-                    bad.report(f"{csv_file}: line {line}",
-                               f"unknown class name {name!r} (known: {class_names})")
-            boxes, labels = stack_boxes([a[1] for a in known], [a[2] for a in known])
-            boxes, faults = box_faults(boxes, hw)
-            for n, reason in faults.items():
-                bad.report(f"{csv_file}: line {known[n][0]}", reason)
-            keep = np.array([n not in faults for n in range(len(labels))], bool)
-            records.append(ImageRecord(path=path, image_id=len(records), boxes=boxes[keep],
-                                       labels=labels[keep], hw=hw,
-                                       where=f"{csv_file}: line {first_line[path]}"))
+                    bad.report(
+                        f"{csv_file}: line {line}", f"unknown class name {name!r} (known: {class_names})"
+                    )
+            boxes, labels, _ = checked_boxes(
+                [a[1] for a in known],
+                [a[2] for a in known],
+                hw,
+                bad,
+                lambda n: f"{csv_file}: line {known[n][0]}",
+            )
+            records.append(
+                ImageRecord(
+                    path=path,
+                    image_id=len(records),
+                    boxes=boxes,
+                    labels=labels,
+                    hw=hw,
+                    where=f"{csv_file}: line {first_line[path]}",
+                )
+            )
         bad.log_summary()
         super().__init__(records, class_names, dict(bad.counts))

@@ -19,7 +19,8 @@ batches, whatever the number of workers.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 _FOREVER_EPOCHS = 10**9
 
 
-def _image_sizes(source) -> list[Optional[tuple[int, int]]]:
+def _image_sizes(source) -> list[tuple[int, int] | None]:
     """Original (h, w) of every example without decoding; None where the source cannot tell."""
     if not hasattr(source, "image_size"):
         return [None] * len(source)
@@ -43,9 +44,20 @@ def _image_sizes(source) -> list[Optional[tuple[int, int]]]:
 class _BatchLoader:
     """Picklable callable: global step -> this host's batch (runs inside grain workers)."""
 
-    def __init__(self, source, group_keys: np.ndarray, canvases: list[tuple[int, int]], *,
-                 steps: int, global_batch_size: int, process_index: int, process_count: int,
-                 seed: int, shuffle: bool, transform_kwargs: dict[str, Any]):
+    def __init__(
+        self,
+        source,
+        group_keys: np.ndarray,
+        canvases: list[tuple[int, int]],
+        *,
+        steps: int,
+        global_batch_size: int,
+        process_index: int,
+        process_count: int,
+        seed: int,
+        shuffle: bool,
+        transform_kwargs: dict[str, Any],
+    ):
         self.source = source
         self.group_keys = group_keys
         self.canvases = canvases
@@ -56,8 +68,8 @@ class _BatchLoader:
         self.seed = seed
         self.shuffle = shuffle
         self.transform_kwargs = transform_kwargs
-        self._plan_epoch: Optional[int] = None
-        self._plan: Optional[np.ndarray] = None
+        self._plan_epoch: int | None = None
+        self._plan: np.ndarray | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -68,8 +80,9 @@ class _BatchLoader:
         """(epoch, this host's example indices) of global step ``step``."""
         epoch, position = divmod(int(step), self.steps)
         if self._plan_epoch != epoch:
-            self._plan = sampler.epoch_plan(self.group_keys, self.global_batch_size, self.seed,
-                                            epoch, self.shuffle)
+            self._plan = sampler.epoch_plan(
+                self.group_keys, self.global_batch_size, self.seed, epoch, self.shuffle
+            )
             self._plan_epoch = epoch
         row = self._plan[position]
         return epoch, sampler.host_slice(row, self.process_index, self.process_count)
@@ -81,13 +94,19 @@ class _BatchLoader:
         outs = []
         for slot, index in enumerate(indices):
             rng = np.random.default_rng([self.seed, epoch, int(index)])
-            outs.append(transforms.train_transform(
-                self.source[int(index)], rng, canvas_hw=canvas, out=images[slot],
-                **self.transform_kwargs))
+            outs.append(
+                transforms.train_transform(
+                    self.source[int(index)], rng, canvas_hw=canvas, out=images[slot], **self.transform_kwargs
+                )
+            )
         truncated = sum(o["num_truncated"] for o in outs)
         if truncated:
-            log.warning("step %d: %d boxes beyond max_boxes=%d were dropped", step, truncated,
-                        self.transform_kwargs["max_boxes"])
+            log.warning(
+                "step %d: %d boxes beyond max_boxes=%d were dropped",
+                step,
+                truncated,
+                self.transform_kwargs["max_boxes"],
+            )
         return {
             "images": images,
             "image_sizes": np.stack([o["image_size"] for o in outs]),
@@ -140,30 +159,42 @@ class TrainBatchIterator:
       state: {"epoch", "position"} to start from (from ``get_state()``).
     """
 
-    def __init__(self, source, *, batch_size: int, seed: int = 0,
-                 min_sizes: Sequence[int] = (800,), max_size: int = 1333,
-                 buckets: Optional[Sequence[tuple[int, int]]] = None, max_boxes: int = 100,
-                 hflip_prob: float = 0.5, box_overflow: str = "error", process_index: int = 0,
-                 process_count: int = 1, worker_count: int = 0, worker_buffer_size: int = 2,
-                 num_epochs: Optional[int] = None, shuffle: bool = True,
-                 state: Optional[dict[str, int]] = None):
+    def __init__(
+        self,
+        source,
+        *,
+        batch_size: int,
+        seed: int = 0,
+        min_sizes: Sequence[int] = (800,),
+        max_size: int = 1333,
+        buckets: Sequence[tuple[int, int]] | None = None,
+        max_boxes: int = 100,
+        hflip_prob: float = 0.5,
+        box_overflow: str = "error",
+        process_index: int = 0,
+        process_count: int = 1,
+        worker_count: int = 0,
+        worker_buffer_size: int = 2,
+        num_epochs: int | None = None,
+        shuffle: bool = True,
+        state: dict[str, int] | None = None,
+    ):
         if not 0 <= process_index < process_count:
-            raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, "
-                             f"{process_count}")
+            raise ValueError(f"need 0 <= process_index < process_count, got {process_index}, {process_count}")
         if batch_size < 1 or worker_count < 0:
-            raise ValueError(f"need batch_size >= 1 and worker_count >= 0, got {batch_size}, "
-                             f"{worker_count}")
+            raise ValueError(f"need batch_size >= 1 and worker_count >= 0, got {batch_size}, {worker_count}")
         if box_overflow not in transforms.BOX_OVERFLOW:
-            raise ValueError(f"box_overflow must be one of {transforms.BOX_OVERFLOW}, "
-                             f"got {box_overflow!r}")
+            raise ValueError(f"box_overflow must be one of {transforms.BOX_OVERFLOW}, got {box_overflow!r}")
         min_sizes = tuple(int(s) for s in min_sizes)
         sizes = _image_sizes(source)
         if buckets is None:
             buckets = geometry.with_unknown_size_canvas(
-                geometry.make_buckets(max(min_sizes), max_size), max_size, sizes)
+                geometry.make_buckets(max(min_sizes), max_size), max_size, sizes
+            )
         buckets = [tuple(int(v) for v in b) for b in buckets]
-        by_size = {s: geometry.image_bucket(s, buckets, max(min_sizes), max_size)
-                   for s in set(sizes)}  # few distinct sizes: COCO has ~1000 among 118k images
+        by_size = {
+            s: geometry.image_bucket(s, buckets, max(min_sizes), max_size) for s in set(sizes)
+        }  # few distinct sizes: COCO has ~1000 among 118k images
         canvases = [by_size[s] for s in sizes]
         self.canvases = sorted(set(canvases), key=lambda hw: (hw[0] * hw[1], hw))
         key_of = {c: k for k, c in enumerate(self.canvases)}
@@ -171,20 +202,33 @@ class TrainBatchIterator:
         global_batch = batch_size * process_count
         self.steps_per_epoch = sampler.steps_per_epoch(group_keys, global_batch)
         if self.steps_per_epoch == 0:
-            raise ValueError(f"{type(source).__name__} with {len(source)} examples gives no full "
-                             f"global batch of {global_batch} in any canvas bucket "
-                             f"(examples per bucket: {np.bincount(group_keys).tolist()})")
+            raise ValueError(
+                f"{type(source).__name__} with {len(source)} examples gives no full "
+                f"global batch of {global_batch} in any canvas bucket "
+                f"(examples per bucket: {np.bincount(group_keys).tolist()})"
+            )
         self.num_epochs = num_epochs
         self.worker_count = int(worker_count)
         self.worker_buffer_size = int(worker_buffer_size)
         self._loader = _BatchLoader(
-            source, group_keys, self.canvases, steps=self.steps_per_epoch,
-            global_batch_size=global_batch, process_index=process_index,
-            process_count=process_count, seed=seed, shuffle=shuffle,
-            transform_kwargs=dict(min_sizes=min_sizes, max_size=int(max_size),
-                                  max_boxes=int(max_boxes), hflip_prob=float(hflip_prob),
-                                  box_overflow=box_overflow))
-        self._iterator: Optional[Iterator] = None
+            source,
+            group_keys,
+            self.canvases,
+            steps=self.steps_per_epoch,
+            global_batch_size=global_batch,
+            process_index=process_index,
+            process_count=process_count,
+            seed=seed,
+            shuffle=shuffle,
+            transform_kwargs=dict(
+                min_sizes=min_sizes,
+                max_size=int(max_size),
+                max_boxes=int(max_boxes),
+                hflip_prob=float(hflip_prob),
+                box_overflow=box_overflow,
+            ),
+        )
+        self._iterator: Iterator | None = None
         self.set_state(state or {"epoch": 0, "position": 0})
 
     @property
@@ -205,8 +249,10 @@ class TrainBatchIterator:
         """Continues from a ``get_state()`` result; restarts the workers if any."""
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < self.steps_per_epoch:
-            raise ValueError(f"bad pipeline state {state}: need epoch >= 0 and 0 <= position < "
-                             f"steps_per_epoch={self.steps_per_epoch}")
+            raise ValueError(
+                f"bad pipeline state {state}: need epoch >= 0 and 0 <= position < "
+                f"steps_per_epoch={self.steps_per_epoch}"
+            )
         self.close()
         self._next_step = epoch * self.steps_per_epoch + position
         steps = range(self._next_step, max(self.total_steps, self._next_step))
@@ -219,16 +265,20 @@ class TrainBatchIterator:
         try:
             import grain
         except ImportError as e:
-            raise ImportError("worker_count > 0 needs grain (pip install grain); "
-                              "or pass worker_count=0") from e
+            raise ImportError(
+                "worker_count > 0 needs grain (pip install grain); or pass worker_count=0"
+            ) from e
         _let_grain_read_its_flags()
         ds = grain.MapDataset.range(steps.start, steps.stop).map(self._loader)
         # One thread per worker: each element is a whole batch, parallelism is across workers.
         ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
-        return ds.mp_prefetch(grain.MultiprocessingOptions(
-            num_workers=self.worker_count, per_worker_buffer_size=self.worker_buffer_size))
+        return ds.mp_prefetch(
+            grain.MultiprocessingOptions(
+                num_workers=self.worker_count, per_worker_buffer_size=self.worker_buffer_size
+            )
+        )
 
-    def __iter__(self) -> "TrainBatchIterator":
+    def __iter__(self) -> TrainBatchIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:

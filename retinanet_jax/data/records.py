@@ -15,7 +15,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -41,7 +42,7 @@ class BadRecords:
         self.source = source
         self.counts: collections.Counter = collections.Counter()
 
-    def report(self, where: str, reason: str, kind: Optional[str] = None) -> None:
+    def report(self, where: str, reason: str, kind: str | None = None) -> None:
         """Handles one bad record; ``where`` names the file and record, ``reason`` the fault,
         ``kind`` the counter key (default: ``reason`` up to its first ':' or ' (')."""
         if self.policy == "error":
@@ -54,7 +55,8 @@ class BadRecords:
 
 
 def box_faults(
-    boxes: np.ndarray, image_hw: Optional[tuple[int, int]],
+    boxes: np.ndarray,
+    image_hw: tuple[int, int] | None,
     tolerance: float = OUT_OF_IMAGE_TOLERANCE,
 ) -> tuple[np.ndarray, dict[int, str]]:
     """Checks boxes float [N,4] xyxy pixels against an image of size (h, w).
@@ -74,20 +76,32 @@ def box_faults(
             h, w = image_hw
             clipped[:, 0::2] = np.clip(boxes[:, 0::2], 0, w)
             clipped[:, 1::2] = np.clip(boxes[:, 1::2], 0, h)
-            outside = finite & ~degenerate & (
-                (boxes[:, 0] < -tolerance) | (boxes[:, 1] < -tolerance)
-                | (boxes[:, 2] > w + tolerance) | (boxes[:, 3] > h + tolerance))
+            outside = (
+                finite
+                & ~degenerate
+                & (
+                    (boxes[:, 0] < -tolerance)
+                    | (boxes[:, 1] < -tolerance)
+                    | (boxes[:, 2] > w + tolerance)
+                    | (boxes[:, 3] > h + tolerance)
+                )
+            )
             # A box lying entirely in the tolerated margin collapses when clipped.
-            collapsed = finite & ~degenerate & ~outside & (
-                (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
+            collapsed = (
+                finite
+                & ~degenerate
+                & ~outside
+                & ((clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1]))
+            )
     faults: dict[int, str] = {}
     for n in np.flatnonzero(~finite):
         faults[int(n)] = f"non-finite box: {boxes[n].tolist()}"
     for n in np.flatnonzero(degenerate):
         faults[int(n)] = f"degenerate box (need x2 > x1 and y2 > y1): xyxy={boxes[n].tolist()}"
     for n in np.flatnonzero(outside):
-        faults[int(n)] = (f"out-of-image box: xyxy={boxes[n].tolist()} for image "
-                          f"(h, w)={tuple(int(v) for v in image_hw)}")
+        faults[int(n)] = (
+            f"out-of-image box: xyxy={boxes[n].tolist()} for image (h, w)={tuple(int(v) for v in image_hw)}"
+        )
     for n in np.flatnonzero(collapsed):
         faults[int(n)] = f"degenerate box after clipping to the image: xyxy={boxes[n].tolist()}"
     return clipped, faults
@@ -102,7 +116,7 @@ class ImageRecord:
     image_id: int
     boxes: np.ndarray
     labels: np.ndarray
-    hw: Optional[tuple[int, int]] = None
+    hw: tuple[int, int] | None = None
     extra: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     where: str = ""  # annotation file / record naming this image, for error messages
 
@@ -110,8 +124,9 @@ class ImageRecord:
 class FileDetectionSource:
     """Random-access source over a list of :class:`ImageRecord`; images decoded on access."""
 
-    def __init__(self, records: list[ImageRecord], class_names: list[str],
-                 dropped: Optional[dict[str, int]] = None):
+    def __init__(
+        self, records: list[ImageRecord], class_names: list[str], dropped: dict[str, int] | None = None
+    ):
         self.records = records
         self.class_names = list(class_names)
         self.dropped: dict[str, int] = dict(dropped or {})
@@ -119,7 +134,7 @@ class FileDetectionSource:
     def __len__(self) -> int:
         return len(self.records)
 
-    def image_size(self, i: int) -> Optional[tuple[int, int]]:
+    def image_size(self, i: int) -> tuple[int, int] | None:
         """(h, w) of image ``i`` as annotated, without decoding it."""
         return self.records[i].hw
 
@@ -146,3 +161,19 @@ class FileDetectionSource:
 def stack_boxes(boxes: list, labels: list) -> tuple[np.ndarray, np.ndarray]:
     """Lists of 4-sequences and ints -> (float32 [N,4], int32 [N]), well-shaped when empty."""
     return (np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int32).reshape(-1))
+
+
+def checked_boxes(
+    boxes: list, labels: list, image_hw: tuple[int, int] | None, bad: BadRecords, where: Callable[[int], str]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One image's annotations as arrays, faulty boxes reported and dropped.
+
+    ``where(n)`` names annotation ``n`` (file and line / object / id) in the report. Returns
+    ``(boxes float32 [M,4], labels int32 [M], keep bool [N])``: the kept rows and which they were.
+    """
+    box_arr, label_arr = stack_boxes(boxes, labels)
+    box_arr, faults = box_faults(box_arr, image_hw)
+    for n, reason in faults.items():
+        bad.report(where(n), reason)
+    keep = np.array([n not in faults for n in range(len(label_arr))], bool)
+    return box_arr[keep], label_arr[keep], keep

@@ -16,8 +16,13 @@ from retinanet_jax.data.shapes import ShapesSource
 from retinanet_jax.data.tfds_source import TfdsSource
 from retinanet_jax.data.voc_xml import VocXmlSource
 
-SOURCES = {"shapes": ShapesSource, "coco_json": CocoJsonSource, "voc_xml": VocXmlSource,
-           "csv": CsvSource, "tfds": TfdsSource}
+SOURCES = {
+    "shapes": ShapesSource,
+    "coco_json": CocoJsonSource,
+    "voc_xml": VocXmlSource,
+    "csv": CsvSource,
+    "tfds": TfdsSource,
+}
 
 
 class SourceArgumentError(TypeError):
@@ -40,14 +45,17 @@ def check_arguments(cls: type, kwargs: Mapping[str, Any], where: str) -> None:
     unknown = [] if takes_any else sorted(set(kwargs) - set(named))
     missing = sorted(n for n, p in named.items() if p.default is p.empty and n not in kwargs)
     if unknown or missing:
-        problems = ([f"unknown arguments {unknown}"] if unknown else []) + \
-                   ([f"missing required arguments {missing}"] if missing else [])
-        raise SourceArgumentError(f"{where}: {' and '.join(problems)} for {cls.__name__}; it takes "
-                                  f"{list(named)}")
+        problems = ([f"unknown arguments {unknown}"] if unknown else []) + (
+            [f"missing required arguments {missing}"] if missing else []
+        )
+        raise SourceArgumentError(
+            f"{where}: {' and '.join(problems)} for {cls.__name__}; it takes {list(named)}"
+        )
 
 
-def make_source(name: str, kwargs: Mapping[str, Any], *, where: str = "data source arguments",
-                what: str = "data source") -> Any:
+def make_source(
+    name: str, kwargs: Mapping[str, Any], *, where: str = "data source arguments", what: str = "data source"
+) -> Any:
     """``SOURCES[name](**kwargs)``. Unknown names are a ``ValueError`` naming ``what``, bad
     keys a :class:`SourceArgumentError` naming ``where`` and the keys; errors raised by the
     constructor itself (missing files, bad values, ...) propagate unchanged."""

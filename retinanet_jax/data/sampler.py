@@ -24,8 +24,9 @@ def steps_per_epoch(group_keys: np.ndarray, global_batch_size: int) -> int:
     return int(np.sum(counts // global_batch_size))
 
 
-def epoch_plan(group_keys: np.ndarray, global_batch_size: int, seed: int, epoch: int,
-               shuffle: bool = True) -> np.ndarray:
+def epoch_plan(
+    group_keys: np.ndarray, global_batch_size: int, seed: int, epoch: int, shuffle: bool = True
+) -> np.ndarray:
     """Global batches of example indices, int64 [steps_per_epoch, global_batch_size].
 
     ``group_keys`` int [N]: the canvas bucket of each example; each row holds one key only.
@@ -46,7 +47,7 @@ def epoch_plan(group_keys: np.ndarray, global_batch_size: int, seed: int, epoch:
             continue
         rows.append(order[positions[:full]].reshape(-1, global_batch_size))
         # A batch is complete when its last member is reached in the shuffled scan.
-        fill_positions.append(positions[global_batch_size - 1:full:global_batch_size])
+        fill_positions.append(positions[global_batch_size - 1 : full : global_batch_size])
     if not rows:
         return np.zeros((0, global_batch_size), np.int64)
     rows_all = np.concatenate(rows)
@@ -56,4 +57,4 @@ def epoch_plan(group_keys: np.ndarray, global_batch_size: int, seed: int, epoch:
 def host_slice(plan_row: np.ndarray, process_index: int, process_count: int) -> np.ndarray:
     """This host's examples of one global batch row (contiguous block of the row)."""
     per_host = len(plan_row) // process_count
-    return plan_row[process_index * per_host:(process_index + 1) * per_host]
+    return plan_row[process_index * per_host : (process_index + 1) * per_host]

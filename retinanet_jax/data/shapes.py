@@ -25,7 +25,7 @@ Splits: ``"train"`` and ``"validation"`` draw from independent random streams
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -40,7 +40,7 @@ _MIN_COLOR_DISTANCE = 150  # L1 distance in RGB between a shape and the backgrou
 _NOISE = 16  # +- amplitude of the uniform pixel noise
 
 
-def _vertices(cls: str, cx: float, cy: float, r: float, angle: float) -> Optional[np.ndarray]:
+def _vertices(cls: str, cx: float, cy: float, r: float, angle: float) -> np.ndarray | None:
     """Polygon vertices float [V, 2] (x, y) for polygon classes; None for the circle."""
     if cls == "circle":
         return None
@@ -55,7 +55,7 @@ def _vertices(cls: str, cx: float, cy: float, r: float, angle: float) -> Optiona
     return np.stack([cx + radii * np.cos(theta), cy + radii * np.sin(theta)], axis=1)
 
 
-def _area(vertices: Optional[np.ndarray], r: float) -> float:
+def _area(vertices: np.ndarray | None, r: float) -> float:
     if vertices is None:
         return math.pi * r * r
     x, y = vertices[:, 0], vertices[:, 1]
@@ -94,18 +94,24 @@ class ShapesSource:
       seed: base seed.
     """
 
-    def __init__(self, split: str = "train", num_images: Optional[int] = None,
-                 image_size: Union[int, tuple[int, int]] = 256, max_objects: int = 6,
-                 object_size: tuple[float, float] = (0.08, 0.5), empty_fraction: float = 0.05,
-                 min_visible: float = 0.5, seed: int = 0):
+    def __init__(
+        self,
+        split: str = "train",
+        num_images: int | None = None,
+        image_size: int | tuple[int, int] = 256,
+        max_objects: int = 6,
+        object_size: tuple[float, float] = (0.08, 0.5),
+        empty_fraction: float = 0.05,
+        min_visible: float = 0.5,
+        seed: int = 0,
+    ):
         if split not in SPLITS:
             raise ValueError(f"ShapesSource: split must be one of {list(SPLITS)}, got {split!r}")
         if isinstance(image_size, int):
             image_size = (image_size, image_size)
         lo, hi = object_size
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"ShapesSource: object_size must satisfy 0 < lo <= hi <= 1, "
-                             f"got {object_size}")
+            raise ValueError(f"ShapesSource: object_size must satisfy 0 < lo <= hi <= 1, got {object_size}")
         if not 0 <= max_objects <= 254:  # shape ids live in a uint8 map
             raise ValueError(f"ShapesSource: max_objects must be in 0..254, got {max_objects}")
         self.class_names = list(CLASS_NAMES)
@@ -143,13 +149,17 @@ class ShapesSource:
                 cx = float(rng.uniform(r, max(w - r, r + 1e-3)))
                 cy = float(rng.uniform(r, max(h - r, r + 1e-3)))
                 box = np.array([cx - r, cy - r, cx + r, cy + r])
-                if all(_cover(box, s["box"]) <= _MAX_BOX_COVER and _cover(s["box"], box)
-                       <= _MAX_BOX_COVER for s in shapes):
+                if all(
+                    _cover(box, s["box"]) <= _MAX_BOX_COVER and _cover(s["box"], box) <= _MAX_BOX_COVER
+                    for s in shapes
+                ):
                     break
             else:
                 continue
-            under = field[min(int(cy * field.shape[0] / h), field.shape[0] - 1),
-                          min(int(cx * field.shape[1] / w), field.shape[1] - 1)].astype(int)
+            under = field[
+                min(int(cy * field.shape[0] / h), field.shape[0] - 1),
+                min(int(cx * field.shape[1] / w), field.shape[1] - 1),
+            ].astype(int)
             for _ in range(10):
                 color = rng.integers(_NOISE, 256 - _NOISE, 3)
                 if np.abs(color - under).sum() >= _MIN_COLOR_DISTANCE:
@@ -157,9 +167,18 @@ class ShapesSource:
             else:
                 color = 255 - under  # the complement is always far enough
             vertices = _vertices(CLASS_NAMES[label], cx, cy, r, angle)
-            shapes.append({"label": label, "cx": cx, "cy": cy, "r": r, "box": box,
-                           "vertices": vertices, "area": _area(vertices, r),
-                           "color": tuple(int(c) for c in color)})
+            shapes.append(
+                {
+                    "label": label,
+                    "cx": cx,
+                    "cy": cy,
+                    "r": r,
+                    "box": box,
+                    "vertices": vertices,
+                    "area": _area(vertices, r),
+                    "color": tuple(int(c) for c in color),
+                }
+            )
         return shapes
 
     def _id_map(self, shapes: list[dict]) -> np.ndarray:
@@ -175,8 +194,10 @@ class ShapesSource:
         """The shape's box grown by a pixel margin and clipped: all its pixels lie inside."""
         h, w = self.image_hw
         x0, y0, x1, y1 = shape["box"]
-        return (slice(max(int(y0) - 1, 0), min(int(y1) + 2, h)),
-                slice(max(int(x0) - 1, 0), min(int(x1) + 2, w)))
+        return (
+            slice(max(int(y0) - 1, 0), min(int(y1) + 2, h)),
+            slice(max(int(x0) - 1, 0), min(int(x1) + 2, w)),
+        )
 
     def _noise(self) -> np.ndarray:
         """A fixed uint8 noise tile in [0, 2*_NOISE], larger than the image; images use
@@ -194,8 +215,7 @@ class ShapesSource:
         """(example ``i``, uint8 [H, W] map of the visible shapes: 0 background, k + 1 where
         the shape of box k is visible)."""
         if not 0 <= i < self.num_images:
-            raise IndexError(f"ShapesSource({self.split}): index {i} out of range "
-                             f"[0, {self.num_images})")
+            raise IndexError(f"ShapesSource({self.split}): index {i} out of range [0, {self.num_images})")
         rng = np.random.default_rng([self.seed, SPLITS[self.split], int(i)])
         h, w = self.image_hw
         # Colours stay in [_NOISE, 255 - _NOISE] so adding the noise cannot overflow uint8.
@@ -217,14 +237,18 @@ class ShapesSource:
             rows_sl, cols_sl = self._window(shape)
             mask = ids[rows_sl, cols_sl] == k + 1
             rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-            boxes[k] = (cols_sl.start + cols[0], rows_sl.start + rows[0],
-                        cols_sl.start + cols[-1] + 1, rows_sl.start + rows[-1] + 1)
+            boxes[k] = (
+                cols_sl.start + cols[0],
+                rows_sl.start + rows[0],
+                cols_sl.start + cols[-1] + 1,
+                rows_sl.start + rows[-1] + 1,
+            )
 
         draw = ImageDraw.Draw(background)
         for shape in shapes:
             _draw(draw, shape, shape["color"])
         dy, dx = rng.integers(0, 64, 2)
-        image = np.add(np.asarray(background), self._noise()[dy:dy + h, dx:dx + w])
+        image = np.add(np.asarray(background), self._noise()[dy : dy + h, dx : dx + w])
         image -= _NOISE
         return {
             "image": image,

@@ -27,7 +27,7 @@ tensorflow_datasets is imported only when a source is created.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
@@ -38,8 +38,7 @@ from retinanet_jax.imageprep import convert
 log = logging.getLogger(__name__)
 
 # COCO's 80 category ids in increasing order (ids 12, 26, 29, 30, 45, 66, 68, 69, 71, 83 unused).
-COCO_CATEGORY_IDS = tuple(i for i in range(1, 91)
-                          if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
+COCO_CATEGORY_IDS = tuple(i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83))
 
 
 def _import_tfds():
@@ -48,7 +47,8 @@ def _import_tfds():
     except ImportError as e:
         raise ImportError(
             "TfdsSource needs tensorflow_datasets (pip install tensorflow-datasets tensorflow "
-            "array_record); or use CocoJsonSource / VocXmlSource on the extracted files") from e
+            "array_record); or use CocoJsonSource / VocXmlSource on the extracted files"
+        ) from e
     return tfds
 
 
@@ -63,9 +63,15 @@ class TfdsSource:
       on_bad_record: "error" or "drop" (see module doc).
     """
 
-    def __init__(self, name: str = "coco/2017", split: str = "train",
-                 data_dir: Optional[str] = None, keep_crowd: bool = False,
-                 keep_difficult: bool = False, on_bad_record: str = "error"):
+    def __init__(
+        self,
+        name: str = "coco/2017",
+        split: str = "train",
+        data_dir: str | None = None,
+        keep_crowd: bool = False,
+        keep_difficult: bool = False,
+        on_bad_record: str = "error",
+    ):
         tfds = _import_tfds()
         builder = tfds.builder(name, data_dir=data_dir)
         features = builder.info.features
@@ -75,8 +81,10 @@ class TfdsSource:
             objects["bbox"]
             features["image"]
         except (KeyError, TypeError) as e:
-            raise ValueError(f"tfds dataset {name!r} has no image + objects/bbox + objects/label "
-                             f"features (has {list(features.keys())})") from e
+            raise ValueError(
+                f"tfds dataset {name!r} has no image + objects/bbox + objects/label "
+                f"features (has {list(features.keys())})"
+            ) from e
         self.name, self.split = name, split
         self.keep_crowd, self.keep_difficult = keep_crowd, keep_difficult
         self.class_names: list[str] = list(label_feature.names)
@@ -106,8 +114,11 @@ class TfdsSource:
         objects = ex["objects"]
         # Per-object fields are parallel sequences; a record where they disagree is corrupt
         # (tfds's random mock_data produces such records), not a droppable bad box.
-        lengths = {k: len(np.asarray(v).reshape(-1, 4) if k == "bbox" else np.asarray(v).reshape(-1))
-                   for k, v in objects.items() if k in ("bbox", "label", "is_crowd", "is_difficult")}
+        lengths = {
+            k: len(np.asarray(v).reshape(-1, 4) if k == "bbox" else np.asarray(v).reshape(-1))
+            for k, v in objects.items()
+            if k in ("bbox", "label", "is_crowd", "is_difficult")
+        }
         if len(set(lengths.values())) > 1:
             raise DataError(f"{where}: objects fields have different lengths {lengths}")
         norm = np.asarray(objects["bbox"], np.float32).reshape(-1, 4)

@@ -13,7 +13,8 @@ for prediction and evaluation is ``retinanet_jax.imageprep.normalize``'s.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -49,8 +50,9 @@ def hflip(image: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return image[:, ::-1], flipped
 
 
-def pad_image(image: np.ndarray, canvas_hw: tuple[int, int], where: str = "",
-              out: Optional[np.ndarray] = None) -> np.ndarray:
+def pad_image(
+    image: np.ndarray, canvas_hw: tuple[int, int], where: str = "", out: np.ndarray | None = None
+) -> np.ndarray:
     """Places uint8 [h,w,3] at the top-left of a zero uint8 [Hc,Wc,3] canvas.
 
     ``out``: an all-zero uint8 [Hc,Wc,3] array (e.g. a slice of a batch) to write into, which
@@ -64,8 +66,9 @@ def pad_image(image: np.ndarray, canvas_hw: tuple[int, int], where: str = "",
     return canvas
 
 
-def pad_boxes(boxes: np.ndarray, labels: np.ndarray, max_boxes: int, overflow: str = "error",
-              where: str = "") -> tuple[np.ndarray, np.ndarray, int]:
+def pad_boxes(
+    boxes: np.ndarray, labels: np.ndarray, max_boxes: int, overflow: str = "error", where: str = ""
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Pads float32 [N,4] / int32 [N] to [max_boxes,4] / [max_boxes] with zeros / label -1.
 
     With more than ``max_boxes`` boxes: ``overflow="error"`` raises naming ``where``;
@@ -77,8 +80,10 @@ def pad_boxes(boxes: np.ndarray, labels: np.ndarray, max_boxes: int, overflow: s
     n = len(labels)
     dropped = max(n - max_boxes, 0)
     if dropped and overflow == "error":
-        raise DataError(f"{where}: {n} boxes exceed max_boxes={max_boxes} (raise max_boxes or "
-                        f"use box_overflow='truncate')")
+        raise DataError(
+            f"{where}: {n} boxes exceed max_boxes={max_boxes} (raise max_boxes or "
+            f"use box_overflow='truncate')"
+        )
     n = min(n, max_boxes)
     out_boxes = np.zeros((max_boxes, 4), np.float32)
     out_labels = np.full((max_boxes,), -1, np.int32)
@@ -87,10 +92,18 @@ def pad_boxes(boxes: np.ndarray, labels: np.ndarray, max_boxes: int, overflow: s
     return out_boxes, out_labels, dropped
 
 
-def train_transform(example: dict[str, Any], rng: np.random.Generator, *,
-                    min_sizes: Sequence[int], max_size: int, canvas_hw: tuple[int, int],
-                    max_boxes: int, hflip_prob: float = 0.5, box_overflow: str = "error",
-                    out: Optional[np.ndarray] = None) -> dict[str, Any]:
+def train_transform(
+    example: dict[str, Any],
+    rng: np.random.Generator,
+    *,
+    min_sizes: Sequence[int],
+    max_size: int,
+    canvas_hw: tuple[int, int],
+    max_boxes: int,
+    hflip_prob: float = 0.5,
+    box_overflow: str = "error",
+    out: np.ndarray | None = None,
+) -> dict[str, Any]:
     """One example -> {"image": uint8 [Hc,Wc,3], "image_size": int32 [2] (resized h, w),
     "boxes": float32 [G,4] xyxy resized pixels, "labels": int32 [G] (-1 = padding),
     "num_truncated": int}.
@@ -116,4 +129,3 @@ def train_transform(example: dict[str, Any], rng: np.random.Generator, *,
         "labels": labels,
         "num_truncated": truncated,
     }
-

@@ -24,23 +24,45 @@ from __future__ import annotations
 import glob
 import os
 import xml.etree.ElementTree as ET
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 from retinanet_jax.data import decode
-from retinanet_jax.data.records import (BadRecords, DataError, FileDetectionSource,
-                                        ImageRecord, box_faults, stack_boxes)
+from retinanet_jax.data.records import (
+    BadRecords,
+    DataError,
+    FileDetectionSource,
+    ImageRecord,
+    checked_boxes,
+)
 
 VOC_CLASSES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
-    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-    "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "diningtable",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "sofa",
+    "train",
+    "tvmonitor",
 )
 BOX_CONVENTIONS = ("exact", "raw")
 
 
-def _text(node: Optional[ET.Element], tag: str) -> Optional[str]:
+def _text(node: ET.Element | None, tag: str) -> str | None:
     child = None if node is None else node.find(tag)
     return None if child is None or child.text is None else child.text.strip()
 
@@ -66,13 +88,18 @@ class VocXmlSource(FileDetectionSource):
       on_bad_record: "error" (raise ``DataError`` naming the XML file and object) or "drop".
     """
 
-    def __init__(self, annotation_dir: str, class_names: Optional[Sequence[str]] = None,
-                 keep_difficult: bool = False, image_set: Optional[str] = None,
-                 image_dir: Optional[str] = None, box_convention: str = "exact",
-                 on_bad_record: str = "error"):
+    def __init__(
+        self,
+        annotation_dir: str,
+        class_names: Sequence[str] | None = None,
+        keep_difficult: bool = False,
+        image_set: str | None = None,
+        image_dir: str | None = None,
+        box_convention: str = "exact",
+        on_bad_record: str = "error",
+    ):
         if box_convention not in BOX_CONVENTIONS:
-            raise ValueError(f"box_convention must be one of {BOX_CONVENTIONS}, "
-                             f"got {box_convention!r}")
+            raise ValueError(f"box_convention must be one of {BOX_CONVENTIONS}, got {box_convention!r}")
         bad = BadRecords(on_bad_record, annotation_dir)
         if image_set is not None:
             with open(image_set) as f:
@@ -103,8 +130,11 @@ class VocXmlSource(FileDetectionSource):
         for xml_path, root in parsed:
             path = self._find_image(xml_path, _text(root, "filename"), image_dir)
             if path is None:
-                bad.report(xml_path, f"image file not found: {_text(root, 'filename')!r} "
-                                     f"(searched image_dir, the XML's folder, ../JPEGImages)")
+                bad.report(
+                    xml_path,
+                    f"image file not found: {_text(root, 'filename')!r} "
+                    f"(searched image_dir, the XML's folder, ../JPEGImages)",
+                )
                 continue
             size = root.find("size")
             try:
@@ -130,8 +160,7 @@ class VocXmlSource(FileDetectionSource):
                     continue
                 bndbox = obj.find("bndbox")
                 try:
-                    x1, y1, x2, y2 = (float(_text(bndbox, tag))
-                                      for tag in ("xmin", "ymin", "xmax", "ymax"))
+                    x1, y1, x2, y2 = (float(_text(bndbox, tag)) for tag in ("xmin", "ymin", "xmax", "ymax"))
                 except (TypeError, ValueError):
                     bad.report(where, "missing or non-numeric <bndbox> coordinates")
                     continue
@@ -139,22 +168,26 @@ class VocXmlSource(FileDetectionSource):
                 labels.append(label_of[name])
                 difficult.append(is_difficult)
                 objects.append(k)
-            box_arr, label_arr = stack_boxes(boxes, labels)
-            box_arr, faults = box_faults(box_arr, hw)
-            for n, reason in faults.items():
-                bad.report(f"{xml_path}: object {objects[n]}", reason)
-            keep = np.array([n not in faults for n in range(len(label_arr))], bool)
-            records.append(ImageRecord(
-                path=path, image_id=len(records), boxes=box_arr[keep], labels=label_arr[keep],
-                hw=hw, extra={"difficult": np.array(difficult, bool).reshape(-1)[keep]},
-                where=xml_path))
+            box_arr, label_arr, keep = checked_boxes(
+                boxes, labels, hw, bad, lambda n: f"{xml_path}: object {objects[n]}"
+            )
+            records.append(
+                ImageRecord(
+                    path=path,
+                    image_id=len(records),
+                    boxes=box_arr,
+                    labels=label_arr,
+                    hw=hw,
+                    extra={"difficult": np.array(difficult, bool).reshape(-1)[keep]},
+                    where=xml_path,
+                )
+            )
             self.ids.append(os.path.splitext(os.path.basename(xml_path))[0])
         bad.log_summary()
         super().__init__(records, list(class_names), dict(bad.counts))
 
     @staticmethod
-    def _find_image(xml_path: str, filename: Optional[str],
-                    image_dir: Optional[str]) -> Optional[str]:
+    def _find_image(xml_path: str, filename: str | None, image_dir: str | None) -> str | None:
         if not filename:
             filename = os.path.splitext(os.path.basename(xml_path))[0] + ".jpg"
         xml_dir = os.path.dirname(xml_path)

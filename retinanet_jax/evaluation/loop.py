@@ -27,12 +27,12 @@ from jax.sharding import Mesh
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from retinanet_jax.ops import anchors as anchors_lib
-from retinanet_jax.parallel import mesh as parallel
 from retinanet_jax.data.categories import default_category_ids
 from retinanet_jax.imageprep import geometry
 from retinanet_jax.imageprep.normalize import resize_normalize_host
 from retinanet_jax.inference.detector import DetectorOptions, detect_jit
+from retinanet_jax.ops import anchors as anchors_lib
+from retinanet_jax.parallel import mesh as parallel
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +50,11 @@ def _check_category_ids(class_names: Sequence[str], category_ids: Sequence[int] 
     return ids
 
 
-def coco_ground_truth(examples: Iterable[Mapping[str, Any]], class_names: Sequence[str],
-                      category_ids: Sequence[int] | None = None) -> COCO:
+def coco_ground_truth(
+    examples: Iterable[Mapping[str, Any]],
+    class_names: Sequence[str],
+    category_ids: Sequence[int] | None = None,
+) -> COCO:
     """In-memory pycocotools ``COCO`` from examples.
 
     Each example: ``image_id`` int, ``boxes`` [N, 4] xyxy original pixels, ``labels`` [N] in
@@ -65,7 +68,7 @@ def coco_ground_truth(examples: Iterable[Mapping[str, Any]], class_names: Sequen
         if image_id in seen:
             raise ValueError(f"duplicate image_id {image_id} in the evaluation set")
         seen.add(image_id)
-        h, w = (ex["image_hw"] if "image_hw" in ex else np.shape(ex["image"])[:2])
+        h, w = ex["image_hw"] if "image_hw" in ex else np.shape(ex["image"])[:2]
         images.append({"id": image_id, "height": int(h), "width": int(w)})
         boxes = np.asarray(ex["boxes"], np.float64).reshape(-1, 4)
         labels = np.asarray(ex["labels"]).reshape(-1)
@@ -73,12 +76,22 @@ def coco_ground_truth(examples: Iterable[Mapping[str, Any]], class_names: Sequen
             if not 0 <= label < len(ids):
                 raise ValueError(f"image {image_id}: label {int(label)} outside 0..{len(ids) - 1}")
             x1, y1, x2, y2 = (float(v) for v in box)
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id,
-                                "category_id": ids[int(label)], "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": ids[int(label)],
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
     coco = COCO()
-    coco.dataset = {"images": images, "annotations": annotations,
-                    "categories": [{"id": c, "name": str(n)} for c, n in zip(ids, class_names)]}
+    coco.dataset = {
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": c, "name": str(n)} for c, n in zip(ids, class_names)],
+    }
     with contextlib.redirect_stdout(io.StringIO()):  # createIndex prints progress
         coco.createIndex()
     return coco
@@ -97,13 +110,19 @@ def detections_to_coco(detections: Iterable[Mapping[str, Any]], category_ids: Se
         scores = np.asarray(det["scores"], np.float64).reshape(-1)
         labels = np.asarray(det["labels"]).reshape(-1)
         if len(boxes) and not (0 <= labels.min() and labels.max() < len(ids)):
-            raise ValueError(f"image {det['image_id']}: labels {sorted(set(labels.tolist()))} "
-                             f"outside 0..{len(ids) - 1}")
+            raise ValueError(
+                f"image {det['image_id']}: labels {sorted(set(labels.tolist()))} outside 0..{len(ids) - 1}"
+            )
         for box, score, label in zip(boxes, scores, labels):
             x1, y1, x2, y2 = box.tolist()
-            results.append({"image_id": int(det["image_id"]), "category_id": int(ids[label]),
-                            "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
-                            "score": round(float(score), 5)})
+            results.append(
+                {
+                    "image_id": int(det["image_id"]),
+                    "category_id": int(ids[label]),
+                    "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                    "score": round(float(score), 5),
+                }
+            )
     return results
 
 
@@ -122,8 +141,11 @@ def results_coco(coco_gt: COCO, results: list[dict]) -> COCO:
         with contextlib.redirect_stdout(io.StringIO()):
             return coco_gt.loadRes(results)
     coco_dt = COCO()
-    coco_dt.dataset = {"images": coco_gt.dataset["images"], "annotations": [],
-                       "categories": coco_gt.dataset["categories"]}
+    coco_dt.dataset = {
+        "images": coco_gt.dataset["images"],
+        "annotations": [],
+        "categories": coco_gt.dataset["categories"],
+    }
     with contextlib.redirect_stdout(io.StringIO()):
         coco_dt.createIndex()
     return coco_dt
@@ -146,7 +168,8 @@ def coco_metrics(coco_gt: COCO, results: list[dict]) -> dict[str, Any]:
 
     Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl": float, "AR1", "AR10", "AR100": float,
     "per_class_AP": [float] (one per category, in the order of ``coco_gt``'s categories: label
-    order for :func:`coco_ground_truth`; NaN without ground truth), "class_names": [str] (for display; names may repeat, as torchvision's
+    order for :func:`coco_ground_truth`; NaN without ground truth), "class_names": [str] (for
+    display; names may repeat, as torchvision's
     COCO "N/A")}``. pycocotools reports -1 for an area range without ground truth; that is kept.
     """
     coco_dt = results_coco(coco_gt, results)
@@ -169,9 +192,13 @@ def coco_metrics(coco_gt: COCO, results: list[dict]) -> dict[str, Any]:
     return metrics
 
 
-def evaluate_detections(detections: Iterable[Mapping[str, Any]], coco_gt: COCO,
-                        category_ids: Sequence[int], *, output_path: str | os.PathLike | None = None,
-                        ) -> dict[str, Any]:
+def evaluate_detections(
+    detections: Iterable[Mapping[str, Any]],
+    coco_gt: COCO,
+    category_ids: Sequence[int],
+    *,
+    output_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """Detections -> COCO results (written to ``output_path`` if given) -> :func:`coco_metrics`."""
     results = detections_to_coco(detections, category_ids)
     if output_path is not None:
@@ -185,9 +212,15 @@ def evaluate_detections(detections: Iterable[Mapping[str, Any]], coco_gt: COCO,
 # to one of a few canvas buckets, so the jitted forward + postprocess compiles once per bucket.
 
 
-def eval_plan(source: Any, global_batch_size: int, *, min_size: int, max_size: int,
-              buckets: Sequence[tuple[int, int]] | None = None, max_images: int | None = None,
-              ) -> list[tuple[tuple[int, int], np.ndarray]]:
+def eval_plan(
+    source: Any,
+    global_batch_size: int,
+    *,
+    min_size: int,
+    max_size: int,
+    buckets: Sequence[tuple[int, int]] | None = None,
+    max_images: int | None = None,
+) -> list[tuple[tuple[int, int], np.ndarray]]:
     """Global eval batches: ``[(canvas (H, W), indices int64 [global_batch_size])]``, -1 = pad.
 
     Every example appears once; each batch holds one canvas bucket (chosen from the original
@@ -196,7 +229,8 @@ def eval_plan(source: Any, global_batch_size: int, *, min_size: int, max_size: i
     n = len(source) if max_images is None else min(len(source), int(max_images))
     sizes = [source.image_size(i) if hasattr(source, "image_size") else None for i in range(n)]
     buckets = geometry.with_unknown_size_canvas(
-        buckets or geometry.make_buckets(min_size, max_size), max_size, sizes)
+        buckets or geometry.make_buckets(min_size, max_size), max_size, sizes
+    )
     canvases = [geometry.image_bucket(s, buckets, min_size, max_size) for s in sizes]
     plan = []
     for canvas in sorted(set(canvases), key=lambda hw: (hw[0] * hw[1], hw)):
@@ -207,8 +241,9 @@ def eval_plan(source: Any, global_batch_size: int, *, min_size: int, max_size: i
     return plan
 
 
-def _load_rows(source: Any, canvas: tuple[int, int], indices: np.ndarray, min_size: int,
-               max_size: int) -> tuple[dict[str, np.ndarray], list[dict]]:
+def _load_rows(
+    source: Any, canvas: tuple[int, int], indices: np.ndarray, min_size: int, max_size: int
+) -> tuple[dict[str, np.ndarray], list[dict]]:
     """This host's rows -> (device batch, per-row ground truth dict or None for padding)."""
     images = np.zeros((len(indices), canvas[0], canvas[1], 3), np.float32)
     sizes = np.tile(np.asarray(canvas, np.int32), (len(indices), 1))
@@ -221,13 +256,20 @@ def _load_rows(source: Any, canvas: tuple[int, int], indices: np.ndarray, min_si
         hw = tuple(int(v) for v in ex["image"].shape[:2])
         new_hw = geometry.resized_size(hw, min_size, max_size)
         if new_hw[0] > canvas[0] or new_hw[1] > canvas[1]:
-            raise ValueError(f"image_id {ex['image_id']}: decoded size {hw} does not fit its canvas "
-                             f"{canvas} (source.image_size({int(index)}) was wrong?)")
-        images[r, :new_hw[0], :new_hw[1]] = resize_normalize_host(ex["image"], new_hw)
+            raise ValueError(
+                f"image_id {ex['image_id']}: decoded size {hw} does not fit its canvas "
+                f"{canvas} (source.image_size({int(index)}) was wrong?)"
+            )
+        images[r, : new_hw[0], : new_hw[1]] = resize_normalize_host(ex["image"], new_hw)
         sizes[r] = new_hw
-        gts.append({"image_id": int(ex["image_id"]), "image_hw": hw,
-                    "boxes": np.asarray(ex["boxes"], np.float32).reshape(-1, 4),
-                    "labels": np.asarray(ex["labels"]).reshape(-1)})
+        gts.append(
+            {
+                "image_id": int(ex["image_id"]),
+                "image_hw": hw,
+                "boxes": np.asarray(ex["boxes"], np.float32).reshape(-1, 4),
+                "labels": np.asarray(ex["labels"]).reshape(-1),
+            }
+        )
     return {"images": images, "image_sizes": sizes}, gts
 
 
@@ -240,18 +282,30 @@ def _gather_to_all(obj: Any) -> list[Any]:
     data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
     lengths = multihost_utils.process_allgather(np.asarray([len(data)], np.int64))
     padded = np.zeros(int(np.max(lengths)), np.uint8)
-    padded[:len(data)] = data
+    padded[: len(data)] = data
     everything = multihost_utils.process_allgather(padded[None], tiled=True)
-    return [json.loads(bytes(row[:int(n)]).decode()) for row, n in zip(everything, np.ravel(lengths))]
+    return [json.loads(bytes(row[: int(n)]).decode()) for row, n in zip(everything, np.ravel(lengths))]
 
 
-def evaluate(model: Any, variables: Any, source: Any, *, mesh: Mesh | None = None,
-             batch_size: int = 8, min_size: int = 800, max_size: int = 1333,
-             buckets: Sequence[tuple[int, int]] | None = None, max_images: int | None = None,
-             score_thresh: float = 0.05, topk_candidates: int = 1000, nms_thresh: float = 0.5,
-             detections_per_img: int = 300, class_agnostic: bool = False,
-             category_ids: Sequence[int] | None = None, output_path: str | os.PathLike | None = None,
-             ) -> dict[str, Any]:
+def evaluate(
+    model: Any,
+    variables: Any,
+    source: Any,
+    *,
+    mesh: Mesh | None = None,
+    batch_size: int = 8,
+    min_size: int = 800,
+    max_size: int = 1333,
+    buckets: Sequence[tuple[int, int]] | None = None,
+    max_images: int | None = None,
+    score_thresh: float = 0.05,
+    topk_candidates: int = 1000,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 300,
+    class_agnostic: bool = False,
+    category_ids: Sequence[int] | None = None,
+    output_path: str | os.PathLike | None = None,
+) -> dict[str, Any]:
     """COCO metrics of ``model`` on ``source`` (a dataset split; see ``retinanet_jax.data``).
 
     Runs the jitted forward + postprocess over global batches of ``batch_size`` images (split
@@ -267,42 +321,65 @@ def evaluate(model: Any, variables: Any, source: Any, *, mesh: Mesh | None = Non
         category_ids = getattr(source, "label_to_category_id", None)
     category_ids = _check_category_ids(class_names, category_ids)
     local = parallel.local_batch_size(batch_size, mesh)
-    options = DetectorOptions.of(score_thresh=score_thresh, topk_candidates=topk_candidates,
-                                 nms_thresh=nms_thresh, detections_per_img=detections_per_img,
-                                 class_agnostic=class_agnostic)
+    options = DetectorOptions.of(
+        score_thresh=score_thresh,
+        topk_candidates=topk_candidates,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        class_agnostic=class_agnostic,
+    )
     variables = _on_mesh(variables, mesh)
     p = jax.process_index()
-    plan = eval_plan(source, batch_size, min_size=min_size, max_size=max_size, buckets=buckets,
-                     max_images=max_images)
+    plan = eval_plan(
+        source, batch_size, min_size=min_size, max_size=max_size, buckets=buckets, max_images=max_images
+    )
     results, gts = [], []
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         # Decoding/resizing the next batch on the host overlaps the device work on this one.
-        loads = [pool.submit(_load_rows, source, canvas, row[p * local:(p + 1) * local], min_size,
-                             max_size) for canvas, row in plan[:2]]
+        loads = [
+            pool.submit(_load_rows, source, canvas, row[p * local : (p + 1) * local], min_size, max_size)
+            for canvas, row in plan[:2]
+        ]
         for b, (canvas, _) in enumerate(plan):
             host_batch, batch_gts = loads[b].result()
             loads[b] = None
             if b + 2 < len(plan):
                 canvas2, row2 = plan[b + 2]
-                loads.append(pool.submit(_load_rows, source, canvas2, row2[p * local:(p + 1) * local],
-                                         min_size, max_size))
+                loads.append(
+                    pool.submit(
+                        _load_rows, source, canvas2, row2[p * local : (p + 1) * local], min_size, max_size
+                    )
+                )
             batch = parallel.shard_batch(host_batch, mesh)
             anchors = jnp.asarray(anchors_lib.anchors_for_model(model, canvas))
-            out = detect_jit(variables, batch["images"], batch["image_sizes"], anchors, model=model,
-                             options=options)
+            out = detect_jit(
+                variables, batch["images"], batch["image_sizes"], anchors, model=model, options=options
+            )
             boxes, scores, labels, num_valid = (_local_rows(x, mesh) for x in out)
             for r, gt in enumerate(batch_gts):
                 if gt is None:
                     continue
                 n = int(num_valid[r])
                 # torchvision resize_boxes: ratios original / resized in float32.
-                ratio = np.asarray(gt["image_hw"], np.float32) / host_batch["image_sizes"][r].astype(np.float32)
+                ratio = np.asarray(gt["image_hw"], np.float32) / host_batch["image_sizes"][r].astype(
+                    np.float32
+                )
                 scale = np.asarray([ratio[1], ratio[0], ratio[1], ratio[0]], np.float32)
-                det = {"image_id": gt["image_id"], "boxes": boxes[r, :n] * scale,
-                       "scores": scores[r, :n], "labels": labels[r, :n]}
+                det = {
+                    "image_id": gt["image_id"],
+                    "boxes": boxes[r, :n] * scale,
+                    "scores": scores[r, :n],
+                    "labels": labels[r, :n],
+                }
                 results += detections_to_coco([det], category_ids)
-                gts.append({"image_id": gt["image_id"], "image_hw": list(gt["image_hw"]),
-                            "boxes": gt["boxes"].tolist(), "labels": gt["labels"].tolist()})
+                gts.append(
+                    {
+                        "image_id": gt["image_id"],
+                        "image_hw": list(gt["image_hw"]),
+                        "boxes": gt["boxes"].tolist(),
+                        "labels": gt["labels"].tolist(),
+                    }
+                )
     all_results = [r for part in _gather_to_all(results) for r in part]
     all_gts = [g for part in _gather_to_all(gts) for g in part]
     values = np.zeros(len(COCO_METRICS) + 3 + len(class_names), np.float64)
@@ -312,8 +389,11 @@ def evaluate(model: Any, variables: Any, source: Any, *, mesh: Mesh | None = Non
         if output_path is not None:
             write_json_atomic(all_results, output_path)
         metrics = coco_metrics(coco_gt, all_results)
-        values[:] = ([metrics[k] for k in COCO_METRICS] + [metrics[k] for k in ("AR1", "AR10", "AR100")]
-                     + list(metrics["per_class_AP"]))
+        values[:] = (
+            [metrics[k] for k in COCO_METRICS]
+            + [metrics[k] for k in ("AR1", "AR10", "AR100")]
+            + list(metrics["per_class_AP"])
+        )
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -321,7 +401,7 @@ def evaluate(model: Any, variables: Any, source: Any, *, mesh: Mesh | None = Non
         names = list(COCO_METRICS) + ["AR1", "AR10", "AR100"]
         metrics = {k: float(v) for k, v in zip(names, values)}
         # coco_ground_truth numbers categories in label order, so values line up with labels.
-        metrics["per_class_AP"] = [float(v) for v in values[len(names):]]
+        metrics["per_class_AP"] = [float(v) for v in values[len(names) :]]
         metrics["class_names"] = [str(c) for c in class_names]
     metrics["num_images"] = len(all_gts)
     return metrics
@@ -345,5 +425,8 @@ def _local_rows(x: jax.Array, mesh: Mesh) -> np.ndarray:
         return np.asarray(jax.device_get(x))
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.global_array_to_host_local_array(
-        x, mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS)))
+    return np.asarray(
+        multihost_utils.global_array_to_host_local_array(
+            x, mesh, jax.sharding.PartitionSpec(parallel.DATA_AXIS)
+        )
+    )

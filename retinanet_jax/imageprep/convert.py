@@ -38,8 +38,10 @@ class UnsupportedModeError(ValueError):
 
     def __init__(self, mode: str):
         self.mode = mode
-        super().__init__(f"PIL mode {mode!r} (32-bit float) has no defined 0-255 range; convert "
-                         "it to 8-bit ('L' or 'RGB') first")
+        super().__init__(
+            f"PIL mode {mode!r} (32-bit float) has no defined 0-255 range; convert "
+            "it to 8-bit ('L' or 'RGB') first"
+        )
 
 
 def gray16_to_uint8(values: np.ndarray) -> np.ndarray:
@@ -77,7 +79,8 @@ def array_to_rgb(array: np.ndarray, name: str = "image") -> np.ndarray:
     if arr.dtype != np.uint8:
         raise TypeError(
             f"{name}: expected a uint8 array with values 0..255, got dtype {arr.dtype} "
-            "(convert with np.clip(x * 255, 0, 255).astype(np.uint8) for floats in [0, 1])")
+            "(convert with np.clip(x * 255, 0, 255).astype(np.uint8) for floats in [0, 1])"
+        )
     if arr.ndim == 2:
         arr = arr[..., None]
     if arr.ndim != 3:
@@ -88,8 +91,7 @@ def array_to_rgb(array: np.ndarray, name: str = "image") -> np.ndarray:
         arr = arr[..., :3]
     if arr.shape[-1] != 3:
         hint = " (looks like [C, H, W]; use arr.transpose(1, 2, 0))" if arr.shape[0] in (1, 3) else ""
-        raise ValueError(
-            f"{name}: expected 3 channels last, shape [H, W, 3], got {arr.shape}{hint}")
+        raise ValueError(f"{name}: expected 3 channels last, shape [H, W, 3], got {arr.shape}{hint}")
     return np.ascontiguousarray(arr)
 
 
@@ -113,7 +115,8 @@ def to_uint8_rgb(image: Any, index: int = 0) -> np.ndarray:
     else:
         raise TypeError(
             f"{name}: unsupported type {type(image).__name__}; expected a PIL image or a "
-            "uint8 numpy array [H, W, 3]")
+            "uint8 numpy array [H, W, 3]"
+        )
     if arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"{name} has zero size ({arr.shape[0]}x{arr.shape[1]})")
     return arr

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
 
 import numpy as np
 
@@ -43,8 +42,8 @@ def make_buckets(min_size: int, max_size: int, divisor: int = SIZE_DIVISIBLE) ->
     square images from being padded to the long side.
     """
     s = -(-int(min_size) // divisor) * divisor
-    l = -(-int(max_size) // divisor) * divisor
-    return sorted({(s, s), (s, l), (l, s)}, key=lambda hw: (hw[0] * hw[1], hw))
+    long = -(-int(max_size) // divisor) * divisor
+    return sorted({(s, s), (s, long), (long, s)}, key=lambda hw: (hw[0] * hw[1], hw))
 
 
 def choose_bucket(image_hw: tuple[int, int], buckets: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -52,13 +51,17 @@ def choose_bucket(image_hw: tuple[int, int], buckets: Sequence[tuple[int, int]])
     equal area, the smaller (h, w) tuple (so the choice does not depend on the list order)."""
     fitting = [tuple(b) for b in buckets if b[0] >= image_hw[0] and b[1] >= image_hw[1]]
     if not fitting:
-        raise ValueError(f"no canvas bucket fits an image of (h, w)={tuple(image_hw)}; "
-                         f"buckets={list(buckets)}")
+        raise ValueError(
+            f"no canvas bucket fits an image of (h, w)={tuple(image_hw)}; buckets={list(buckets)}"
+        )
     return min(fitting, key=lambda b: (b[0] * b[1], b))
 
 
-def batch_canvas(sizes: Sequence[tuple[int, int]], size_divisible: int = SIZE_DIVISIBLE,
-                 buckets: Sequence[tuple[int, int]] | None = None) -> tuple[int, int]:
+def batch_canvas(
+    sizes: Sequence[tuple[int, int]],
+    size_divisible: int = SIZE_DIVISIBLE,
+    buckets: Sequence[tuple[int, int]] | None = None,
+) -> tuple[int, int]:
     """Canvas ``(H, W)`` for a batch of resized sizes.
 
     Without ``buckets``: torchvision's ``batch_images`` (max over the batch, rounded up to
@@ -81,8 +84,9 @@ def unknown_size_canvas(max_size: int, divisor: int = SIZE_DIVISIBLE) -> tuple[i
     return side, side
 
 
-def with_unknown_size_canvas(buckets: Sequence[tuple[int, int]], max_size: int,
-                             sizes: Sequence[Optional[tuple[int, int]]]) -> list[tuple[int, int]]:
+def with_unknown_size_canvas(
+    buckets: Sequence[tuple[int, int]], max_size: int, sizes: Sequence[tuple[int, int] | None]
+) -> list[tuple[int, int]]:
     """``buckets`` plus :func:`unknown_size_canvas` when some of ``sizes`` is None (unknown)."""
     out = [tuple(int(v) for v in b) for b in buckets]
     extra = unknown_size_canvas(max_size)
@@ -91,8 +95,9 @@ def with_unknown_size_canvas(buckets: Sequence[tuple[int, int]], max_size: int,
     return out
 
 
-def image_bucket(image_hw: Optional[tuple[int, int]], buckets: Sequence[tuple[int, int]],
-                 max_min_size: int, max_size: int) -> tuple[int, int]:
+def image_bucket(
+    image_hw: tuple[int, int] | None, buckets: Sequence[tuple[int, int]], max_min_size: int, max_size: int
+) -> tuple[int, int]:
     """The canvas for an image of original size ``image_hw`` under any min_size up to
     ``max_min_size`` (the resized size grows with min_size). ``None`` (size unknown): the
     smallest bucket that fits every image, (L, L) with L = max_size (see

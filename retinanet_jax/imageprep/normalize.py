@@ -42,9 +42,12 @@ def inside_mask(image_sizes: jax.Array, hw: tuple[int, int]) -> jax.Array:
     return (ys[:, :, None] & xs[:, None, :])[..., None]
 
 
-def normalize_images(images: jax.Array, image_sizes: jax.Array,
-                     image_mean: Sequence[float] = IMAGENET_MEAN,
-                     image_std: Sequence[float] = IMAGENET_STD) -> jax.Array:
+def normalize_images(
+    images: jax.Array,
+    image_sizes: jax.Array,
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
+) -> jax.Array:
     """uint8 [B,H,W,3] -> float32 normalized, zero outside ``image_sizes`` [B,2] (h, w).
 
     Same arithmetic as torchvision (``x / 255``, then ``(x - mean) / std``), and the padding is
@@ -66,14 +69,22 @@ def _normalize_resize(xp: Any, image, rows, cols, mean, std):
     return cw0[None, :, None] * xp.take(x, c0, axis=1) + cw1[None, :, None] * xp.take(x, c1, axis=1)
 
 
-def resize_normalize_host(image: np.ndarray, out_hw: tuple[int, int],
-                          image_mean: Sequence[float] = IMAGENET_MEAN,
-                          image_std: Sequence[float] = IMAGENET_STD) -> np.ndarray:
+def resize_normalize_host(
+    image: np.ndarray,
+    out_hw: tuple[int, int],
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
+) -> np.ndarray:
     """uint8 ``[h, w, 3]`` -> float32 ``[out_h, out_w, 3]`` normalized and torch-bilinear
     resized, in numpy (same arithmetic as :func:`resize_normalize_pad`, without the pad)."""
-    return _normalize_resize(np, image, linear_weights(image.shape[0], int(out_hw[0])),
-                             linear_weights(image.shape[1], int(out_hw[1])),
-                             np.asarray(image_mean, np.float32), np.asarray(image_std, np.float32))
+    return _normalize_resize(
+        np,
+        image,
+        linear_weights(image.shape[0], int(out_hw[0])),
+        linear_weights(image.shape[1], int(out_hw[1])),
+        np.asarray(image_mean, np.float32),
+        np.asarray(image_std, np.float32),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("canvas",))
@@ -91,9 +102,13 @@ def _axis_weights(n_in: int, n_out: int):
     return tuple(jnp.asarray(a) for a in linear_weights(n_in, n_out))
 
 
-def resize_normalize_pad(image: np.ndarray, out_hw: tuple[int, int], canvas: tuple[int, int],
-                         image_mean: Sequence[float] = IMAGENET_MEAN,
-                         image_std: Sequence[float] = IMAGENET_STD) -> jax.Array:
+def resize_normalize_pad(
+    image: np.ndarray,
+    out_hw: tuple[int, int],
+    canvas: tuple[int, int],
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
+) -> jax.Array:
     """uint8 ``[h, w, 3]`` -> float32 ``[canvas_h, canvas_w, 3]`` on device.
 
     Normalizes, resizes to ``out_hw`` (torch bilinear, ``align_corners=False``, no antialias)

@@ -48,7 +48,7 @@ def level_topk(
     start = 0
     # A static loop over the (five) pyramid levels: each level has its own shapes.
     for n in level_sizes:
-        _, top_anchor = jax.lax.top_k(anchor_max[start:start + n], min(k, n))
+        _, top_anchor = jax.lax.top_k(anchor_max[start : start + n], min(k, n))
         top_anchor = top_anchor + start
         cand = jax.nn.sigmoid(logits[top_anchor]).reshape(-1)  # [min(k, n) * K]
         scores, flat = jax.lax.top_k(cand, min(k, n * num_classes))
@@ -61,8 +61,17 @@ def level_topk(
 
 
 def _postprocess_one(
-    logits, deltas, anchors, image_hw, *, level_sizes, score_thresh, topk_candidates,
-    nms_thresh, detections_per_img, class_agnostic,
+    logits,
+    deltas,
+    anchors,
+    image_hw,
+    *,
+    level_sizes,
+    score_thresh,
+    topk_candidates,
+    nms_thresh,
+    detections_per_img,
+    class_agnostic,
 ):
     scores, idx, labels, valid = level_topk(logits, level_sizes, topk_candidates, score_thresh)
     boxes = clip_boxes(decode_boxes(deltas[idx], anchors[idx]), image_hw)
@@ -79,13 +88,25 @@ def _postprocess_one(
 
 @functools.partial(jax.jit, static_argnums=(4, 5, 6, 7, 8, 9))
 def _postprocess_jit(
-    logits, deltas, anchors, image_sizes, level_sizes, score_thresh, topk_candidates, nms_thresh,
-    detections_per_img, class_agnostic,
+    logits,
+    deltas,
+    anchors,
+    image_sizes,
+    level_sizes,
+    score_thresh,
+    topk_candidates,
+    nms_thresh,
+    detections_per_img,
+    class_agnostic,
 ):
     fn = functools.partial(
         _postprocess_one,
-        level_sizes=level_sizes, score_thresh=score_thresh, topk_candidates=topk_candidates,
-        nms_thresh=nms_thresh, detections_per_img=detections_per_img, class_agnostic=class_agnostic,
+        level_sizes=level_sizes,
+        score_thresh=score_thresh,
+        topk_candidates=topk_candidates,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        class_agnostic=class_agnostic,
     )
     return jax.vmap(fn, in_axes=(0, 0, None, 0))(
         logits.astype(jnp.float32), deltas.astype(jnp.float32), anchors.astype(jnp.float32), image_sizes
@@ -127,7 +148,14 @@ def postprocess(
             f"level_sizes sum to {sum(level_sizes)}, but there are {cls_logits.shape[1]} anchors"
         )
     return _postprocess_jit(
-        jnp.asarray(cls_logits), jnp.asarray(bbox_regression), jnp.asarray(anchors), jnp.asarray(image_sizes),
-        level_sizes, float(score_thresh), int(topk_candidates), float(nms_thresh), int(detections_per_img),
+        jnp.asarray(cls_logits),
+        jnp.asarray(bbox_regression),
+        jnp.asarray(anchors),
+        jnp.asarray(image_sizes),
+        level_sizes,
+        float(score_thresh),
+        int(topk_candidates),
+        float(nms_thresh),
+        int(detections_per_img),
         bool(class_agnostic),
     )

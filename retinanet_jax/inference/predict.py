@@ -19,21 +19,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from retinanet_jax import backends
 from retinanet_jax.imageprep.convert import to_uint8_rgb
 from retinanet_jax.imageprep.geometry import batch_canvas, resized_size
-from retinanet_jax.imageprep.normalize import (IMAGENET_MEAN, IMAGENET_STD, TRACE_COUNTS,
-                                               resize_normalize_pad)
+from retinanet_jax.imageprep.normalize import IMAGENET_MEAN, IMAGENET_STD, TRACE_COUNTS, resize_normalize_pad
 from retinanet_jax.inference.detector import DetectorOptions, detect
+from retinanet_jax.inference.tiling import TileOptions, predict_tiled
 from retinanet_jax.ops import anchors as anchors_lib
 
 Detections = dict[str, np.ndarray]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "options"))
-def _detect(variables, images, image_sizes, anchors, ratios, *, model, options):
-    """The detector + rescale of one padded batch; compiled once per shape and config."""
+@functools.partial(jax.jit, static_argnames=("model", "options", "target"))
+def _detect(variables, images, image_sizes, anchors, ratios, *, model, options, target):
+    """The detector + rescale of one padded batch; compiled once per shape, config and target
+    platform (``backends.current()`` at the call: jit's cache does not see the context)."""
     TRACE_COUNTS["detect"] += 1
-    boxes, scores, labels, num_valid = detect(model, variables, images, image_sizes, anchors, options)
+    with backends.target(target):
+        boxes, scores, labels, num_valid = detect(model, variables, images, image_sizes, anchors, options)
     # torchvision resize_boxes: x * (orig_w / resized_w), y * (orig_h / resized_h) in float32.
     rh, rw = ratios[:, 0], ratios[:, 1]
     scale = jnp.stack([rw, rh, rw, rh], axis=-1)[:, None, :]
@@ -55,15 +58,33 @@ class Predictor:
     Jitted functions are cached by (model config, options, shapes), so repeated calls, and other
     ``Predictor`` objects for the same model config, don't recompile. ``dtype`` (e.g.
     ``jnp.bfloat16``) overrides the model's compute dtype; parameters stay as given.
+    ``tile_size`` switches to sliced prediction (``inference.tiling``; see ``predict``).
     """
 
-    def __init__(self, model: Any, variables: Any, *, min_size: int = 800, max_size: int = 1333,
-                 size_divisible: int = 32, image_mean: Sequence[float] = IMAGENET_MEAN,
-                 image_std: Sequence[float] = IMAGENET_STD, score_thresh: float = 0.05,
-                 topk_candidates: int = 1000, nms_thresh: float = 0.5,
-                 detections_per_img: int = 300, class_agnostic: bool = False,
-                 batch_size: int = 8, buckets: Sequence[tuple[int, int]] | None = None,
-                 dtype: Any = None):
+    def __init__(
+        self,
+        model: Any,
+        variables: Any,
+        *,
+        min_size: int = 800,
+        max_size: int = 1333,
+        size_divisible: int = 32,
+        image_mean: Sequence[float] = IMAGENET_MEAN,
+        image_std: Sequence[float] = IMAGENET_STD,
+        score_thresh: float = 0.05,
+        topk_candidates: int = 1000,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 300,
+        class_agnostic: bool = False,
+        batch_size: int = 8,
+        buckets: Sequence[tuple[int, int]] | None = None,
+        dtype: Any = None,
+        tile_size: int | tuple[int, int] | None = None,
+        tile_overlap: float = 0.2,
+        tile_scale: float = 1.0,
+        full_image_pass: bool = False,
+        tile_options: dict[str, Any] | None = None,
+    ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if buckets is not None:
@@ -77,8 +98,23 @@ class Predictor:
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
         self.batch_size, self.buckets = batch_size, buckets
         self.options = DetectorOptions.of(
-            score_thresh=score_thresh, topk_candidates=topk_candidates, nms_thresh=nms_thresh,
-            detections_per_img=detections_per_img, class_agnostic=class_agnostic)
+            score_thresh=score_thresh,
+            topk_candidates=topk_candidates,
+            nms_thresh=nms_thresh,
+            detections_per_img=detections_per_img,
+            class_agnostic=class_agnostic,
+        )
+        self.tiling = (
+            None
+            if tile_size is None
+            else TileOptions.of(
+                tile_size,
+                overlap=tile_overlap,
+                scale=tile_scale,
+                full_image_pass=full_image_pass,
+                **(tile_options or {}),
+            )
+        )
 
     # ---- stages (public so that benchmarks can time them separately)
 
@@ -90,8 +126,9 @@ class Predictor:
         originals = [a.shape[:2] for a in arrays]
         sizes = [resized_size(hw, self.min_size, self.max_size) for hw in originals]
         canvas = batch_canvas(sizes, self.size_divisible, self.buckets)
-        padded = [resize_normalize_pad(a, s, canvas, self.image_mean, self.image_std)
-                  for a, s in zip(arrays, sizes)]
+        padded = [
+            resize_normalize_pad(a, s, canvas, self.image_mean, self.image_std) for a, s in zip(arrays, sizes)
+        ]
         if self.buckets is not None:
             # Fill the batch with blank canvases up to a power of two: at most
             # log2(batch_size) + 1 batch shapes per bucket, at most 2x wasted work.
@@ -108,8 +145,16 @@ class Predictor:
         # float32 / float32 as torchvision's resize_boxes (new / old size tensors).
         ratios = original_sizes.astype(np.float32) / image_sizes.astype(np.float32)
         anchors = _device_anchors(canvas, *anchors_lib.model_anchor_config(self.model))
-        return _detect(self.variables, batch, jnp.asarray(image_sizes), anchors, jnp.asarray(ratios),
-                       model=self.model, options=self.options)
+        return _detect(
+            self.variables,
+            batch,
+            jnp.asarray(image_sizes),
+            anchors,
+            jnp.asarray(ratios),
+            model=self.model,
+            options=self.options,
+            target=backends.current(),
+        )
 
     @staticmethod
     def to_numpy(outputs, count: int) -> list[Detections]:
@@ -118,32 +163,56 @@ class Predictor:
         dets = []
         for i in range(count):
             n = int(num_valid[i])
-            dets.append({"boxes": np.asarray(boxes[i, :n], np.float32),
-                         "scores": np.asarray(scores[i, :n], np.float32),
-                         "labels": np.asarray(labels[i, :n], np.int64)})
+            dets.append(
+                {
+                    "boxes": np.asarray(boxes[i, :n], np.float32),
+                    "scores": np.asarray(scores[i, :n], np.float32),
+                    "labels": np.asarray(labels[i, :n], np.int64),
+                }
+            )
         return dets
 
     def __call__(self, images: Sequence[Any]) -> list[Detections]:
         """Detections for each image, in input order (see ``predict``)."""
         if isinstance(images, np.ndarray) and images.ndim == 3:
-            raise TypeError("predict takes a list of images (or a [B, H, W, 3] array); "
-                            "wrap a single image in a list")
+            raise TypeError(
+                "predict takes a list of images (or a [B, H, W, 3] array); wrap a single image in a list"
+            )
         images = list(images)
+        if self.tiling is not None:
+            return [predict_tiled(self, im, self.tiling, i) for i, im in enumerate(images)]
         pending = []
         for start in range(0, len(images), self.batch_size):
-            chunk = images[start:start + self.batch_size]
+            chunk = images[start : start + self.batch_size]
             # Dispatch is asynchronous: the next chunk's host work overlaps this chunk's compute.
             pending.append((self.detect(*self.preprocess(chunk, offset=start)), len(chunk)))
         return [d for out, count in pending for d in self.to_numpy(out, count)]
 
 
-def predict(model: Any, variables: Any, images: Sequence[Any], *, min_size: int = 800,
-            max_size: int = 1333, size_divisible: int = 32,
-            image_mean: Sequence[float] = IMAGENET_MEAN, image_std: Sequence[float] = IMAGENET_STD,
-            score_thresh: float = 0.05, topk_candidates: int = 1000, nms_thresh: float = 0.5,
-            detections_per_img: int = 300, class_agnostic: bool = False, batch_size: int = 8,
-            buckets: Sequence[tuple[int, int]] | None = None, dtype: Any = None,
-            ) -> list[Detections]:
+def predict(
+    model: Any,
+    variables: Any,
+    images: Sequence[Any],
+    *,
+    min_size: int = 800,
+    max_size: int = 1333,
+    size_divisible: int = 32,
+    image_mean: Sequence[float] = IMAGENET_MEAN,
+    image_std: Sequence[float] = IMAGENET_STD,
+    score_thresh: float = 0.05,
+    topk_candidates: int = 1000,
+    nms_thresh: float = 0.5,
+    detections_per_img: int = 300,
+    class_agnostic: bool = False,
+    batch_size: int = 8,
+    buckets: Sequence[tuple[int, int]] | None = None,
+    dtype: Any = None,
+    tile_size: int | tuple[int, int] | None = None,
+    tile_overlap: float = 0.2,
+    tile_scale: float = 1.0,
+    full_image_pass: bool = False,
+    tile_options: dict[str, Any] | None = None,
+) -> list[Detections]:
     """Detect objects; mirrors torchvision ``RetinaNet.forward`` in eval mode.
 
     ``images``: list of PIL images or uint8 ``[H, W, 3]`` arrays of any sizes. Returns one dict per
@@ -151,10 +220,32 @@ def predict(model: Any, variables: Any, images: Sequence[Any], *, min_size: int 
     ``[N]``, ``labels`` int64 ``[N]``, sorted by descending score, ``N <= detections_per_img``.
     Each chunk of ``batch_size`` images is padded to a common canvas (torchvision's batching, or
     the smallest fitting of ``buckets`` ``[(H, W), ...]``). Compiled functions are cached.
+
+    Sliced prediction for large images (``inference.tiling``): ``tile_size=(h, w)`` cuts each
+    image into tiles overlapping by ``tile_overlap`` (fraction of the tile), fed at native
+    resolution times ``tile_scale`` (``min_size`` / ``max_size`` then only size the
+    ``full_image_pass``), ``batch_size`` tiles per step; detections are merged across tiles on
+    the device (one object, one box) and capped at ``tile_options["max_detections"]`` (4096).
     """
-    return Predictor(model, variables, min_size=min_size, max_size=max_size,
-                     size_divisible=size_divisible, image_mean=image_mean, image_std=image_std,
-                     score_thresh=score_thresh, topk_candidates=topk_candidates,
-                     nms_thresh=nms_thresh, detections_per_img=detections_per_img,
-                     class_agnostic=class_agnostic, batch_size=batch_size, buckets=buckets,
-                     dtype=dtype)(images)
+    return Predictor(
+        model,
+        variables,
+        min_size=min_size,
+        max_size=max_size,
+        size_divisible=size_divisible,
+        image_mean=image_mean,
+        image_std=image_std,
+        score_thresh=score_thresh,
+        topk_candidates=topk_candidates,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+        class_agnostic=class_agnostic,
+        batch_size=batch_size,
+        buckets=buckets,
+        dtype=dtype,
+        tile_size=tile_size,
+        tile_overlap=tile_overlap,
+        tile_scale=tile_scale,
+        full_image_pass=full_image_pass,
+        tile_options=tile_options,
+    )(images)

@@ -15,7 +15,8 @@ Training checkpoints of ``train.py`` are read by ``training.checkpoint.load_trai
 command line's ``cli.checkpoints.load_model`` recognises all three kinds.
 
 Labels map to COCO category ids with ``category_ids[label]``: torchvision models use the
-category id as the label (identity); models trained here store their dataset's ids (``label + 1`` when the dataset has none).
+category id as the label (identity); models trained here store their dataset's ids (``label + 1``
+when the dataset has none).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import dataclasses
 import json
 import os
 from collections.abc import Sequence
-from typing import Optional
 
 import flax.serialization
 import jax
@@ -47,12 +47,12 @@ class LoadedModel:
 
     model: RetinaNet
     variables: dict
-    class_names: Optional[list[str]]
+    class_names: list[str] | None
     category_ids: list[int]  # label -> COCO category id
     source: str  # what was loaded, for messages (and "converted_from" in model.json)
-    step: Optional[int] = None  # training step (training checkpoints)
-    config: Optional[dict] = None  # training config (training checkpoints)
-    preprocess: Optional[dict] = None  # {"min_size", "max_size"} the model was evaluated with
+    step: int | None = None  # training step (training checkpoints)
+    config: dict | None = None  # training config (training checkpoints)
+    preprocess: dict | None = None  # {"min_size", "max_size"} the model was evaluated with
 
     def label_name(self, label: int) -> str:
         """Class name of ``label`` (or the label number when the names are unknown)."""
@@ -68,9 +68,16 @@ def save_model(directory: str, loaded: LoadedModel) -> None:
     """Write ``loaded`` as a model directory (``model.json`` + ``variables.msgpack``)."""
     os.makedirs(directory, exist_ok=True)
     variables = jax.tree.map(np.asarray, jax.device_get(loaded.variables))
-    meta = {"format": FORMAT, "version": VERSION, "model": model_spec(loaded.model),
-            "class_names": loaded.class_names, "category_ids": list(loaded.category_ids),
-            "preprocess": loaded.preprocess, "converted_from": loaded.source, "step": loaded.step}
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": model_spec(loaded.model),
+        "class_names": loaded.class_names,
+        "category_ids": list(loaded.category_ids),
+        "preprocess": loaded.preprocess,
+        "converted_from": loaded.source,
+        "step": loaded.step,
+    }
     # Variables first, JSON last: a directory with model.json is complete.
     with open(os.path.join(directory, VARIABLES_FILE), "wb") as f:
         f.write(flax.serialization.msgpack_serialize(variables))
@@ -94,8 +101,10 @@ def load_model_dir(directory: str) -> LoadedModel:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f"{json_path}: not a retinanet_jax model file (format != {FORMAT!r})")
     if int(meta.get("version", 0)) > VERSION:
-        raise ValueError(f"{json_path}: format version {meta['version']} is newer than this "
-                         f"retinanet_jax reads ({VERSION}); upgrade retinanet_jax")
+        raise ValueError(
+            f"{json_path}: format version {meta['version']} is newer than this "
+            f"retinanet_jax reads ({VERSION}); upgrade retinanet_jax"
+        )
     model = model_from_spec(meta.get("model") or {}, json_path)
     var_path = os.path.join(directory, VARIABLES_FILE)
     if not os.path.isfile(var_path):
@@ -108,9 +117,15 @@ def load_model_dir(directory: str) -> LoadedModel:
     check_variables(model, variables, var_path)
     names = meta.get("class_names")
     ids = meta.get("category_ids") or default_category_ids(model.num_classes)
-    return LoadedModel(model, variables, list(names) if names is not None else None,
-                       [int(i) for i in ids], f"model directory {directory}",
-                       step=meta.get("step"), preprocess=meta.get("preprocess"))
+    return LoadedModel(
+        model,
+        variables,
+        list(names) if names is not None else None,
+        [int(i) for i in ids],
+        f"model directory {directory}",
+        step=meta.get("step"),
+        preprocess=meta.get("preprocess"),
+    )
 
 
 # ------------------------------------------------------------------------------ torchvision .pth
@@ -121,8 +136,14 @@ def _guess_variant(sd: dict) -> str:
     return "v2" if "head.classification_head.conv.0.1.weight" in sd else "v1"
 
 
-def load_pth(path: str, *, variant: Optional[str] = None, backbone: Optional[str] = None,
-             num_classes: Optional[int] = None, class_names: Optional[Sequence[str]] = None) -> LoadedModel:
+def load_pth(
+    path: str,
+    *,
+    variant: str | None = None,
+    backbone: str | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+) -> LoadedModel:
     """A torchvision RetinaNet or ImageNet ResNet ``.pth`` (None = read from the keys;
     ``num_classes`` different from the checkpoint's re-initialises the class conv)."""
     from retinanet_jax.interop import torchvision as port
@@ -133,13 +154,13 @@ def load_pth(path: str, *, variant: Optional[str] = None, backbone: Optional[str
         if classifier:  # an ImageNet ResNet: start a detector from its body
             k = num_classes or (len(class_names) if class_names else len(COCO_V1_CATEGORIES))
             model, variables = port.backbone_from_torchvision(
-                sd, num_classes=k, variant=variant or "v1", backbone=backbone)
+                sd, num_classes=k, variant=variant or "v1", backbone=backbone
+            )
             ids, what = default_category_ids(k), f"ImageNet backbone {path}"
         else:
             variant = variant or _guess_variant(sd)
             backbone = backbone or port.guess_backbone(sd) or "resnet50"
-            model, variables = port.from_torchvision(sd, variant, num_classes=num_classes,
-                                                     backbone=backbone)
+            model, variables = port.from_torchvision(sd, variant, num_classes=num_classes, backbone=backbone)
             # torchvision's labels are the dataset's category ids (0 = background).
             ids, what = list(range(model.num_classes)), f"torchvision RetinaNet {variant} {path}"
     except (ValueError, KeyError) as e:

@@ -13,7 +13,8 @@ import logging
 import os
 import pickle
 import re
-from typing import Any, Callable, Mapping, Optional, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Union
 
 import flax
 import jax
@@ -129,11 +130,13 @@ def _rename_legacy_keys(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return sd
 
 
-def guess_backbone(sd: Mapping[str, Any], prefix: str = _BODY) -> Optional[str]:
+def guess_backbone(sd: Mapping[str, Any], prefix: str = _BODY) -> str | None:
     """Name in RESNET_SPECS whose layout matches the ResNet keys under ``prefix``, else None."""
     depths = []
     for stage in range(1, 5):
-        blocks = {int(m.group(1)) for k in sd if (m := re.match(rf"{re.escape(prefix)}layer{stage}\.(\d+)\.", k))}
+        blocks = {
+            int(m.group(1)) for k in sd if (m := re.match(rf"{re.escape(prefix)}layer{stage}\.(\d+)\.", k))
+        }
         depths.append(max(blocks) + 1 if blocks else 0)
     conv2 = sd.get(f"{prefix}layer1.0.conv2.weight")
     if conv2 is None:
@@ -142,7 +145,11 @@ def guess_backbone(sd: Mapping[str, Any], prefix: str = _BODY) -> Optional[str]:
     groups = int(conv2.shape[0]) // int(conv2.shape[1])
     width = int(conv2.shape[0]) // groups if bottleneck else 64
     for name, (kind, spec_depths, g, w) in RESNET_SPECS.items():
-        if (kind == "bottleneck") == bottleneck and tuple(depths) == spec_depths and (g, w) == (groups, width):
+        if (
+            (kind == "bottleneck") == bottleneck
+            and tuple(depths) == spec_depths
+            and (g, w) == (groups, width)
+        ):
             return name
     return None
 
@@ -164,7 +171,11 @@ def _hint(sd: Mapping[str, Any], variant: str, backbone: str) -> str:
 
 
 def _check_keys(
-    layout: Mapping[str, tuple], sd: Mapping[str, np.ndarray], optional: set[str], what: str, hint: Callable[[], str]
+    layout: Mapping[str, tuple],
+    sd: Mapping[str, np.ndarray],
+    optional: set[str],
+    what: str,
+    hint: Callable[[], str],
 ) -> None:
     """ValueError on any missing/unexpected key or shape mismatch (``optional`` may be absent).
 
@@ -177,7 +188,9 @@ def _check_keys(
         if missing:
             parts.append(f"missing keys {missing[:5]}{' ...' if len(missing) > 5 else ''} ({len(missing)})")
         if unexpected:
-            parts.append(f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})")
+            parts.append(
+                f"unexpected keys {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} ({len(unexpected)})"
+            )
         raise ValueError(f"state_dict does not fit {what}: {'; '.join(parts)}{hint()}")
     for k, v in sd.items():
         if tuple(v.shape) != layout[k][2]:
@@ -203,7 +216,7 @@ def _assemble(layout: Mapping[str, tuple], values: Mapping[str, jax.Array]) -> d
     return flax.traverse_util.unflatten_dict(flat)
 
 
-def _report_skipped(skipped: list[str], report: Optional[list], why: str) -> None:
+def _report_skipped(skipped: list[str], report: list | None, why: str) -> None:
     if skipped:
         log.warning("torchvision checkpoint: skipped %s (%s)", skipped, why)
         if report is not None:
@@ -214,12 +227,12 @@ def from_torchvision(
     src: StateDictSource,
     variant: str = "v1",
     *,
-    num_classes: Optional[int] = None,
-    bn_eps: Optional[float] = None,
+    num_classes: int | None = None,
+    bn_eps: float | None = None,
     backbone: str = "resnet50",
-    frozen_bn: Optional[bool] = None,
+    frozen_bn: bool | None = None,
     dtype: Any = jnp.float32,
-    report: Optional[list] = None,
+    report: list | None = None,
     seed: int = 0,
 ) -> tuple[RetinaNet, dict[str, Any]]:
     """Build a RetinaNet and its variables from a torchvision retinanet_resnet50_fpn(_v2) state_dict.
@@ -281,7 +294,10 @@ def from_torchvision(
         hwio = (w_shape[2], w_shape[3], w_shape[1], w_shape[0])
         values[_CLS_KEYS[0]] = 0.01 * jax.random.normal(jax.random.key(seed), hwio, jnp.float32)
         values[_CLS_KEYS[1]] = jnp.full(layout[_CLS_KEYS[1]][2], CLS_PRIOR_BIAS, jnp.float32)
-        why = f"checkpoint has {ckpt_classes} classes, model {num_classes}; re-initialised, prior {PRIOR_PROBABILITY}"
+        why = (
+            f"checkpoint has {ckpt_classes} classes, model {num_classes}; "
+            f"re-initialised, prior {PRIOR_PROBABILITY}"
+        )
         _report_skipped(skipped, report, why)
     return model, _assemble(layout, values)
 
@@ -291,11 +307,11 @@ def backbone_from_torchvision(
     *,
     num_classes: int = 91,
     variant: str = "v1",
-    backbone: Optional[str] = None,
+    backbone: str | None = None,
     bn_eps: float = 1e-5,
-    frozen_bn: Optional[bool] = None,
+    frozen_bn: bool | None = None,
     dtype: Any = jnp.float32,
-    report: Optional[list] = None,
+    report: list | None = None,
     seed: int = 0,
 ) -> tuple[RetinaNet, dict[str, Any]]:
     """RetinaNet whose ResNet body comes from an ImageNet classifier state_dict (torchvision.models.resnet*).
@@ -312,11 +328,18 @@ def backbone_from_torchvision(
     if backbone is None:
         backbone = guess_backbone(sd, prefix="")
         if backbone is None:
-            raise ValueError("state_dict does not look like a supported torchvision ResNet/ResNeXt classifier")
+            raise ValueError(
+                "state_dict does not look like a supported torchvision ResNet/ResNeXt classifier"
+            )
     if frozen_bn is None:
         frozen_bn = variant == "v1"
     model = RetinaNet(
-        num_classes=num_classes, variant=variant, backbone=backbone, bn_eps=bn_eps, frozen_bn=frozen_bn, dtype=dtype
+        num_classes=num_classes,
+        variant=variant,
+        backbone=backbone,
+        bn_eps=bn_eps,
+        frozen_bn=frozen_bn,
+        dtype=dtype,
     )
     layout = _layout(model)
     body_layout = {k[len(_BODY) :]: v for k, v in layout.items() if k.startswith(_BODY)}
@@ -386,8 +409,11 @@ def verify_pth(path: str, model: RetinaNet) -> str:
     Returns what was checked, as a sentence; ``ValueError`` if torchvision refuses the file."""
     from retinanet_jax.ops.anchors import DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, model_anchor_config
 
-    if model.backbone != "resnet50" or model.fpn_channels != 256 or \
-            model_anchor_config(model) != (DEFAULT_SIZES, DEFAULT_ASPECT_RATIOS):
+    if (
+        model.backbone != "resnet50"
+        or model.fpn_channels != 256
+        or model_anchor_config(model) != (DEFAULT_SIZES, DEFAULT_ASPECT_RATIOS)
+    ):
         return "not verified: torchvision has no builder for this backbone / FPN width / anchors"
     try:
         import torch
@@ -400,4 +426,6 @@ def verify_pth(path: str, model: RetinaNet) -> str:
         tv.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
     except RuntimeError as e:  # torch's missing / unexpected keys or shape report
         raise ValueError(f"{path}: torchvision {build.__name__} refuses it: {e}") from e
-    return f"verified: torchvision {build.__name__}(num_classes={model.num_classes}) loads it with strict=True"
+    return (
+        f"verified: torchvision {build.__name__}(num_classes={model.num_classes}) loads it with strict=True"
+    )

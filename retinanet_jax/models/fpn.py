@@ -6,14 +6,15 @@ Names follow torchvision's state_dict (``inner_blocks.0.0`` -> ``inner_blocks_0_
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from retinanet_jax.backends.cpu.conv import float32_output_args
+from retinanet_jax import backends
 
 Array = jax.Array
 
@@ -100,7 +101,7 @@ def _conv_factory(features: int, dtype: Any):
             kernel_init=fpn_kernel_init,
             bias_init=nn.initializers.zeros,
             # Low precision: bias added (and its gradient summed) in f32, output cast back.
-            **float32_output_args(dtype),  # and CPU GEMM paths, see conv.py
+            **backends.float32_output_args(dtype),  # the conv per platform: backends/select.py
             name=name,
         )
         return lambda x: conv(x).astype(dtype) if dtype is not None else conv(x)

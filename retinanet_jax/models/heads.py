@@ -7,13 +7,14 @@ Names follow torchvision's (new, version 2) state_dict: ``conv.1.0`` (conv) / ``
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retinanet_jax.backends.cpu.conv import float32_output_args
+from retinanet_jax import backends
 
 Array = jax.Array
 
@@ -43,9 +44,10 @@ def _tower(
     v1: conv3x3 (bias) + ReLU; v2: conv3x3 (no bias) + GroupNorm(32, eps 1e-5) + ReLU. Called inside
     a head's compact ``__call__`` so the layers are that head's direct children (``conv_0_0`` ...).
     Returns one [B, h_l, w_l, out_features] array per level, float32 whatever ``dtype``.
-    ``train=False`` with a low-precision ``dtype``: the activations between the convs stay f32,
-    each conv rounds its own operands (the Winograd ones after their transforms, see
-    ``conv.conv_general_dilated``'s ``compute_dtype``).
+    ``train=False`` with a low-precision ``dtype`` on CPU: the activations between the convs
+    stay f32, each conv rounds its own operands (the Winograd ones after their transforms, see
+    ``backends.cpu.conv.conv_general_dilated``'s ``compute_dtype``); on GPU / TPU they are
+    ``dtype`` (``backends.activation_dtype``).
     """
     c = features[0].shape[-1]
 
@@ -54,9 +56,10 @@ def _tower(
         # ones so that logits and box deltas are float32, the precision contract; the prior bias
         # -4.5951 would be -4.59375 in bf16). In training the tower rounds to ``dtype`` once per
         # layer: after the conv (v1) or after the GroupNorm, which normalises the f32 output (v2).
-        # In inference it does not round at all: the next conv does (one rounding per layer
-        # too), but the P3/P4 Winograd convs round their transformed input instead, from f32
-        # (bf16 class logits' rms error against f32 4% lower, lively v1 weights at 512x512).
+        # In CPU inference it does not round at all: the next conv does (one rounding per
+        # layer too), but the P3/P4 Winograd convs round their transformed input instead, from
+        # f32 (bf16 class logits' rms error against f32 4% lower, lively v1 weights at 512x512).
+        # GPU / TPU: a bf16 conv converted to f32 for the f32 bias (backends/select.py).
         # Training keeps bf16 activations, so bf16 cotangents (f32 ones cost 3.6% per step
         # where measured, in the ResNet's convs).
         return nn.Conv(
@@ -68,11 +71,11 @@ def _tower(
             param_dtype=jnp.float32,
             kernel_init=head_kernel_init,
             bias_init=bias_init,
-            **float32_output_args(dtype),  # and CPU GEMM paths, see conv.py
+            **backends.float32_output_args(dtype),  # the conv per platform: backends/select.py
             name=name,
         )
 
-    act_dtype = dtype if train else jnp.float32
+    act_dtype = backends.activation_dtype(dtype, train)  # CPU inference: f32; else dtype
 
     def to_dtype(x: Array) -> Array:
         return x.astype(act_dtype) if act_dtype is not None else x
@@ -106,7 +109,8 @@ def _tower(
 def _flatten_levels(outs: Sequence[Array], last: int) -> Array:
     # torchvision views (N, A*K, H, W) as (N, A, K, H, W) and permutes to (N, H, W, A, K): channel
     # a*K + k. NHWC already has that channel order last, so a reshape gives [B, H*W*A, K].
-    return jnp.concatenate([o.reshape(o.shape[0], -1, last) for o in outs], axis=1).astype(jnp.float32)
+    flat = jnp.concatenate([o.reshape(o.shape[0], -1, last) for o in outs], axis=1)
+    return flat.astype(jnp.promote_types(flat.dtype, jnp.float32))  # f32, or f64 under float64
 
 
 class RetinaNetClassificationHead(nn.Module):
@@ -119,8 +123,15 @@ class RetinaNetClassificationHead(nn.Module):
 
     @nn.compact
     def __call__(self, features: Sequence[Array], train: bool = False) -> Array:
-        outs = _tower(features, self.num_anchors * self.num_classes, "cls_logits", cls_bias_init,
-                      self.group_norm, self.dtype, train)
+        outs = _tower(
+            features,
+            self.num_anchors * self.num_classes,
+            "cls_logits",
+            cls_bias_init,
+            self.group_norm,
+            self.dtype,
+            train,
+        )
         return _flatten_levels(outs, self.num_classes)
 
 
@@ -133,8 +144,15 @@ class RetinaNetRegressionHead(nn.Module):
 
     @nn.compact
     def __call__(self, features: Sequence[Array], train: bool = False) -> Array:
-        outs = _tower(features, self.num_anchors * 4, "bbox_reg", nn.initializers.zeros, self.group_norm,
-                      self.dtype, train)
+        outs = _tower(
+            features,
+            self.num_anchors * 4,
+            "bbox_reg",
+            nn.initializers.zeros,
+            self.group_norm,
+            self.dtype,
+            train,
+        )
         return _flatten_levels(outs, 4)
 
 

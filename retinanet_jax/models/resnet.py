@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retinanet_jax.backends.cpu.conv import conv_general_dilated, float32_output_args
+from retinanet_jax import backends
 
 Array = jax.Array
 
@@ -70,8 +70,10 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         if not self.frozen:
             count = self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        # At least f32 (a float64 compute dtype keeps float64: the float64 equality tests).
+        f32 = jnp.promote_types(x.dtype, jnp.float32)
         if train and not self.frozen:
-            xf = x.astype(jnp.float32)
+            xf = x.astype(f32)
             mean = jnp.mean(xf, axis=(0, 1, 2))
             var = jnp.mean(jnp.square(xf - mean), axis=(0, 1, 2))
             if not self.is_initializing():
@@ -88,7 +90,7 @@ class BatchNorm(nn.Module):
         # a per-channel 0.4% error. Free on CPU, where XLA computes bf16 elementwise ops in f32.
         mul = scale * jax.lax.rsqrt(var + self.epsilon)
         add = bias - mean * mul
-        return (x.astype(jnp.float32) * mul + add).astype(self.dtype)
+        return (x.astype(f32) * mul + add).astype(self.dtype)
 
 
 class BasicBlock(nn.Module):
@@ -103,9 +105,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        conv = _conv_factory(self.dtype, train)
-        bn = _bn_factory(self.bn_eps, self.frozen_bn, self.dtype)
-        bn_out = _bn_factory(self.bn_eps, self.frozen_bn, _stream_dtype(self.dtype, train))
+        conv, bn, bn_out = _block_layers(self.dtype, self.bn_eps, self.frozen_bn, train)
         out = conv(self.planes, 3, self.stride, 1, name="conv1")(x)
         out = nn.relu(bn(name="bn1")(out, train))
         out = conv(self.planes, 3, 1, 1, name="conv2")(out)
@@ -130,9 +130,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
-        conv = _conv_factory(self.dtype, train)
-        bn = _bn_factory(self.bn_eps, self.frozen_bn, self.dtype)
-        bn_out = _bn_factory(self.bn_eps, self.frozen_bn, _stream_dtype(self.dtype, train))
+        conv, bn, bn_out = _block_layers(self.dtype, self.bn_eps, self.frozen_bn, train)
         width = int(self.planes * (self.base_width / 64.0)) * self.groups
         out = conv(width, 1, 1, 0, name="conv1")(x)
         out = nn.relu(bn(name="bn1")(out, train))
@@ -146,14 +144,22 @@ class Bottleneck(nn.Module):
         return nn.relu(out + x)
 
 
+def _block_layers(dtype: Any, eps: float, frozen: bool, train: bool):
+    """(conv, bn, bn_out) factories of a residual block: ``bn_out`` normalizes into the
+    residual stream, whose dtype may differ in inference (see ``_stream_dtype``)."""
+    return (
+        _conv_factory(dtype, train),
+        _bn_factory(eps, frozen, dtype),
+        _bn_factory(eps, frozen, _stream_dtype(dtype, train)),
+    )
+
+
 def _conv_factory(dtype: Any, train: bool = False):
-    # Low-precision inference: each conv returns its f32 accumulation (the GEMMs accumulate in
-    # f32 anyway), so the BatchNorm that follows, applied in f32, reads it unrounded and the
-    # result is rounded to bf16 once: one rounding fewer per conv and one pass less (bf16
-    # prediction ~5% faster on CPU). Not in training, where the f32 cotangent that this gives
-    # every conv cost more than it saved (interleaved A/B: +3.6% per bf16 train step).
-    conv_args = (dict(conv_general_dilated=conv_general_dilated) if train
-                 else float32_output_args(dtype))
+    # The conv hook and its output dtype are the target platform's (backends.norm_conv_args):
+    # on CPU, low-precision inference returns each conv's f32 accumulation into the f32
+    # BatchNorm (one rounding fewer, bf16 prediction ~5% faster; not in training, +3.6% per
+    # bf16 step there); on GPU / TPU a bf16 conv, which the BatchNorm reads in f32.
+    conv_args = backends.norm_conv_args(dtype, train)
 
     def make(features: int, k: int, stride: int, pad: int, *, groups: int = 1, name: str) -> nn.Conv:
         return nn.Conv(
@@ -166,7 +172,7 @@ def _conv_factory(dtype: Any, train: bool = False):
             dtype=dtype,
             param_dtype=jnp.float32,
             kernel_init=resnet_kernel_init,
-            **conv_args,  # CPU GEMM paths, see conv.py
+            **conv_args,  # per platform: backends/select.py
             name=name,
         )
 
@@ -174,12 +180,13 @@ def _conv_factory(dtype: Any, train: bool = False):
 
 
 def _stream_dtype(dtype: Any, train: bool) -> Any:
-    # The residual stream (block outputs, i.e. C2..C5) in low-precision inference: float32.
-    # Rounded to bf16 after every block, its rounding errors pile up over the 16-33 blocks (bf16
-    # class logits' rms error against f32 9% lower without them, lively v1 weights at 512x512);
-    # the convs that read it round their operand anyway. Costs one f32 feature map per block in
-    # memory traffic. Training keeps bf16 (and bf16 cotangents), see _conv_factory.
-    return dtype if train else jnp.float32
+    # The residual stream (block outputs, i.e. C2..C5), per target platform
+    # (backends.activation_dtype). CPU low-precision inference: float32. Rounded to bf16 after
+    # every block, its rounding errors pile up over the 16-33 blocks (bf16 class logits' rms
+    # error against f32 9% lower without them, lively v1 weights at 512x512); the convs that
+    # read it round their operand anyway. Costs one f32 feature map per block in memory
+    # traffic. Training, and GPU / TPU always: ``dtype`` (bf16 activations).
+    return backends.activation_dtype(dtype, train)
 
 
 def _bn_factory(eps: float, frozen: bool, dtype: Any):
@@ -193,8 +200,8 @@ class ResNet(nn.Module):
     """Mirrors torchvision.models.resnet.ResNet without avgpool/fc.
 
     ``__call__(x [B,H,W,3]) -> (C2, C3, C4, C5)``, NHWC at strides 4, 8, 16, 32 (ceil halving) with
-    ``stage_channels(arch)`` channels, in ``dtype`` when ``train``, else float32 (computed in
-    ``dtype``; see ``_stream_dtype``).
+    ``stage_channels(arch)`` channels, in ``dtype`` when ``train`` or on GPU / TPU, else
+    (CPU inference) float32, computed in ``dtype``; see ``_stream_dtype``.
     """
 
     arch: str = "resnet50"
@@ -207,7 +214,7 @@ class ResNet(nn.Module):
         stage_channels(self.arch)  # clear error for an unknown arch
         block_kind, depths, groups, width = RESNET_SPECS[self.arch]
         conv = _conv_factory(self.dtype, train)
-        # Low-precision inference: the stem's output and max-pool in f32 too, since XLA:CPU's
+        # Low-precision CPU inference: the stem's output and max-pool in f32 too, since XLA:CPU's
         # bf16 reduce_window is slow (13 ms against 2.7 ms for f32 on 256x256x64; 52 against
         # 14 at 400x608). Max commutes with rounding, so layer1's convs see the same values.
         bn_out = _bn_factory(self.bn_eps, self.frozen_bn, _stream_dtype(self.dtype, train))

@@ -6,16 +6,16 @@ GeneralizedRCNNTransform and the postprocessing: ``backbone`` (BackboneWithFPN) 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from retinanet_jax.ops import anchors as anchors_lib
 from retinanet_jax.models.fpn import FeaturePyramidNetwork
 from retinanet_jax.models.heads import RetinaNetHead
 from retinanet_jax.models.resnet import ResNet, stage_channels
+from retinanet_jax.ops import anchors as anchors_lib
 
 Array = jax.Array
 
@@ -37,7 +37,9 @@ class BackboneWithFPN(nn.Module):
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> list[Array]:
-        _, c3, c4, c5 = ResNet(self.backbone, self.bn_eps, self.frozen_bn, self.dtype, name="body")(images, train)
+        _, c3, c4, c5 = ResNet(self.backbone, self.bn_eps, self.frozen_bn, self.dtype, name="body")(
+            images, train
+        )
         # v2: LastLevelP6P7(2048, 256) has in != out so torchvision feeds it C5; v1's (256, 256) uses P5.
         p6_from_c5 = self.variant == "v2" and stage_channels(self.backbone)[-1] != self.fpn_channels
         fpn = FeaturePyramidNetwork(self.fpn_channels, p6_from_c5, self.dtype, name="fpn")
@@ -65,8 +67,8 @@ class RetinaNet(nn.Module):
     # Anchors are not computed by the model, but they define what its outputs mean, so they
     # travel with it (as torchvision's RetinaNet holds its AnchorGenerator). None = torchvision's
     # sizes 32..512 x 2^(0, 1/3, 2/3) and ratios (0.5, 1, 2) per level P3..P7.
-    anchor_sizes: Optional[tuple[tuple[int, ...], ...]] = None
-    aspect_ratios: Optional[tuple[tuple[float, ...], ...]] = None
+    anchor_sizes: tuple[tuple[int, ...], ...] | None = None
+    aspect_ratios: tuple[tuple[float, ...], ...] | None = None
 
     @nn.compact
     def __call__(self, images: Array, train: bool = False) -> dict[str, Array]:
@@ -77,9 +79,16 @@ class RetinaNet(nn.Module):
         if per_location != {self.num_anchors} or len(sizes) != len(ratios):
             raise ValueError(
                 f"num_anchors={self.num_anchors} but anchor_sizes x aspect_ratios give "
-                f"{sorted(per_location)} anchors per location (sizes {sizes}, ratios {ratios})")
+                f"{sorted(per_location)} anchors per location (sizes {sizes}, ratios {ratios})"
+            )
         features = BackboneWithFPN(
-            self.backbone, self.variant, self.bn_eps, self.frozen_bn, self.fpn_channels, self.dtype, name="backbone"
+            self.backbone,
+            self.variant,
+            self.bn_eps,
+            self.frozen_bn,
+            self.fpn_channels,
+            self.dtype,
+            name="backbone",
         )(images, train)
         head = RetinaNetHead(
             self.num_classes, self.num_anchors, group_norm=self.variant == "v2", dtype=self.dtype, name="head"

@@ -42,12 +42,15 @@ def model_from_spec(spec: dict[str, Any], where: str = "checkpoint") -> RetinaNe
     a RetinaNet field is a ``ValueError`` naming it. Missing keys take RetinaNet's defaults.
     """
     if not isinstance(spec, dict):
-        raise ValueError(f"{where}: the model spec must be a mapping of RetinaNet fields, got "
-                         f"{type(spec).__name__}")
+        raise ValueError(
+            f"{where}: the model spec must be a mapping of RetinaNet fields, got {type(spec).__name__}"
+        )
     unknown = sorted(set(spec) - set(SPEC_FIELDS))
     if unknown:
-        raise ValueError(f"{where}: unknown model fields {unknown} (written by a newer "
-                         f"retinanet_jax?); known: {list(SPEC_FIELDS)}")
+        raise ValueError(
+            f"{where}: unknown model fields {unknown} (written by a newer "
+            f"retinanet_jax?); known: {list(SPEC_FIELDS)}"
+        )
     return RetinaNet(**{k: _tuples(v) for k, v in spec.items()})
 
 
@@ -72,17 +75,22 @@ def check_compatible(saved: Any, target: Any, where: str = "checkpoint") -> None
         raise CheckpointMismatchError(
             f"{where} holds a different model: keys missing from the checkpoint: {missing[:5]}"
             f"{' ...' if len(missing) > 5 else ''}; keys not in this model: {unexpected[:5]}"
-            f"{' ...' if len(unexpected) > 5 else ''} (was it written with another config?)")
+            f"{' ...' if len(unexpected) > 5 else ''} (was it written with another config?)"
+        )
     # Parameters first: they name the architecture difference; optimizer moments only echo it.
     order = sorted(target_flat, key=lambda k: (not k.startswith(("params", "frozen_params")), k))
-    bad = [(k, tuple(np.shape(saved_flat[k])), tuple(np.shape(target_flat[k]))) for k in order
-           if tuple(np.shape(saved_flat[k])) != tuple(np.shape(target_flat[k]))]
+    bad = [
+        (k, tuple(np.shape(saved_flat[k])), tuple(np.shape(target_flat[k])))
+        for k in order
+        if tuple(np.shape(saved_flat[k])) != tuple(np.shape(target_flat[k]))
+    ]
     if bad:
         key, s_shape, t_shape = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise CheckpointMismatchError(
             f"{where}: shape mismatch at {key!r}: checkpoint has {s_shape}, this model expects "
-            f"{t_shape}{more} (another architecture or num_classes?)")
+            f"{t_shape}{more} (another architecture or num_classes?)"
+        )
 
 
 def check_variables(model: RetinaNet, variables: Any, where: str = "checkpoint") -> None:

@@ -7,8 +7,6 @@ gradients -- at extreme inputs. Half-precision inputs are computed in float32.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -74,7 +72,7 @@ def sigmoid_focal_loss(
     alpha: float = 0.25,
     gamma: float = 2.0,
     reduction: str = "none",
-    class_weights: Optional[jax.Array] = None,
+    class_weights: jax.Array | None = None,
 ) -> jax.Array:
     """Sigmoid focal loss; mirrors ``torchvision.ops.sigmoid_focal_loss``.
 
@@ -132,9 +130,7 @@ def smooth_l1_loss(
     return _reduce(loss, reduction)
 
 
-def giou_loss(
-    boxes1: jax.Array, boxes2: jax.Array, reduction: str = "none", eps: float = 1e-7
-) -> jax.Array:
+def giou_loss(boxes1: jax.Array, boxes2: jax.Array, reduction: str = "none", eps: float = 1e-7) -> jax.Array:
     """``1 - GIoU`` of paired boxes; mirrors ``torchvision.ops.generalized_box_iou_loss``.
 
     Args:

@@ -8,14 +8,14 @@ that runs the model first.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from retinanet_jax.ops import anchors as anchors_lib
 from retinanet_jax.objective import losses
 from retinanet_jax.objective.matching import BETWEEN_THRESHOLDS, match_anchors
+from retinanet_jax.ops import anchors as anchors_lib
 from retinanet_jax.ops.box_coder import decode_boxes, encode_boxes
 
 BOX_LOSSES = ("l1", "smooth_l1", "giou")
@@ -36,7 +36,7 @@ def _per_image_sums(
     focal_gamma: float,
     smooth_l1_beta: float,
     giou_eps: float,
-    class_weights: Optional[jax.Array],
+    class_weights: jax.Array | None,
     fg_iou: float,
     bg_iou: float,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -67,7 +67,9 @@ def _per_image_sums(
         if box_loss == "l1":
             elementwise = losses.l1_loss(bbox_regression, deltas, reduction="none")
         else:
-            elementwise = losses.smooth_l1_loss(bbox_regression, deltas, beta=smooth_l1_beta, reduction="none")
+            elementwise = losses.smooth_l1_loss(
+                bbox_regression, deltas, beta=smooth_l1_beta, reduction="none"
+            )
         per_anchor = jnp.sum(elementwise, axis=-1)
     box_sum = jnp.sum(jnp.where(foreground, per_anchor, 0.0))
     return cls_sum, box_sum, jnp.sum(foreground).astype(jnp.float32)
@@ -85,7 +87,7 @@ def retinanet_losses(
     focal_gamma: float = 2.0,
     smooth_l1_beta: float = 1.0,
     giou_eps: float = 1e-7,
-    class_weights: Optional[jax.Array] = None,
+    class_weights: jax.Array | None = None,
     normalization: str = "per_image",
     fg_iou: float = 0.5,
     bg_iou: float = 0.4,
@@ -93,7 +95,8 @@ def retinanet_losses(
     """RetinaNet losses from raw head outputs; mirrors torchvision ``RetinaNet.compute_loss``.
 
     Args:
-      cls_logits: ``[B, A, K]`` class logits (any float dtype; computed in float32).
+      cls_logits: ``[B, A, K]`` class logits (any float dtype; computed in float32, or float64
+        for float64 outputs).
       bbox_regression: ``[B, A, 4]`` box deltas (dx, dy, dw, dh) w.r.t. the anchors.
       anchors: ``[A, 4]`` xyxy pixels, shared by the batch (``anchors.anchors_for_image``).
       gt_boxes: ``[B, G, 4]`` xyxy pixels; ``gt_labels``: int ``[B, G]`` in ``[0, K)``, ``-1`` =
@@ -112,10 +115,12 @@ def retinanet_losses(
         raise ValueError(f"box_loss must be one of {BOX_LOSSES}, got {box_loss!r}")
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
-    cls_logits = jnp.asarray(cls_logits, jnp.float32)
-    bbox_regression = jnp.asarray(bbox_regression, jnp.float32)
-    anchors = jnp.asarray(anchors, jnp.float32)
-    gt_boxes = jnp.asarray(gt_boxes, jnp.float32)
+    # float32, or float64 when the outputs are (the float64 equality tests); bf16 upcast.
+    dtype = jnp.promote_types(jnp.result_type(cls_logits, bbox_regression), jnp.float32)
+    cls_logits = jnp.asarray(cls_logits, dtype)
+    bbox_regression = jnp.asarray(bbox_regression, dtype)
+    anchors = jnp.asarray(anchors, dtype)
+    gt_boxes = jnp.asarray(gt_boxes, dtype)
     gt_labels = jnp.asarray(gt_labels, jnp.int32)
     batch, num_anchors = cls_logits.shape[:2]
     if anchors.shape[0] != num_anchors or bbox_regression.shape[:2] != (batch, num_anchors):
@@ -125,10 +130,10 @@ def retinanet_losses(
         )
     if gt_boxes.shape[1] == 0:
         # G = 0 cannot be indexed; one padding row means the same thing (no boxes).
-        gt_boxes = jnp.zeros((batch, 1, 4), jnp.float32)
+        gt_boxes = jnp.zeros((batch, 1, 4), dtype)
         gt_labels = jnp.full((batch, 1), -1, jnp.int32)
     if class_weights is not None:
-        class_weights = jnp.asarray(class_weights, jnp.float32)
+        class_weights = jnp.asarray(class_weights, dtype)
 
     def per_image(logits, deltas, boxes, labels):
         return _per_image_sums(
@@ -152,7 +157,7 @@ def compute_losses(
     images: jax.Array,
     targets: dict[str, jax.Array],
     *,
-    box_loss: Optional[str] = None,
+    box_loss: str | None = None,
     **kwargs: Any,
 ) -> dict[str, jax.Array]:
     """Losses of ``model`` on a batch, torchvision's definitions (``RetinaNet.compute_loss``).

@@ -36,33 +36,43 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Sequence
-from typing import Optional
 
 import numpy as np
 
-from retinanet_jax.ops.anchors import (DEFAULT_ASPECT_RATIOS, DEFAULT_SIZES, NUM_LEVELS,
-                                       base_anchors, feature_shapes)
+from retinanet_jax.ops.anchors import (
+    DEFAULT_ASPECT_RATIOS,
+    DEFAULT_SIZES,
+    NUM_LEVELS,
+    base_anchors,
+    feature_shapes,
+)
 
 # COCO's object size ranges (on sqrt(area), here in the pixels the model sees).
 SIZE_RANGES: tuple[tuple[str, float, float], ...] = (
-    ("small", 0.0, 32.0), ("medium", 32.0, 96.0), ("large", 96.0, float("inf")))
+    ("small", 0.0, 32.0),
+    ("medium", 32.0, 96.0),
+    ("large", 96.0, float("inf")),
+)
 THRESHOLDS = (0.5, 0.4)  # torchvision RetinaNet fg_iou_thresh / bg_iou_thresh
 SEARCH_BASES = tuple(range(8, 65))  # P3 base size candidates (px); torchvision's is 32
 # h / w aspect-ratio candidates (rounded: these exact values go into the printed config).
 SEARCH_RATIOS = (0.25, 0.3333, 0.5, 0.6667, 1.0, 1.5, 2.0, 3.0, 4.0)
-IDEAL_STRIDES = tuple(2 ** (3 + l) for l in range(NUM_LEVELS))
+IDEAL_STRIDES = tuple(2 ** (3 + level) for level in range(NUM_LEVELS))
 
 
 def _nested(x: Sequence) -> tuple:
     return tuple(tuple(v) for v in x)
 
 
-def structured_anchors(base: int, ratios: Sequence[float],
-                       num_levels: int = NUM_LEVELS) -> tuple[tuple, tuple]:
+def structured_anchors(
+    base: int, ratios: Sequence[float], num_levels: int = NUM_LEVELS
+) -> tuple[tuple, tuple]:
     """(sizes, aspect_ratios) in torchvision's structure for P3 base size ``base`` (px):
     ``base=32, ratios=(0.5, 1, 2)`` is torchvision's default anchor generator."""
-    sizes = tuple((x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3)))
-                  for x in (int(base) * 2 ** l for l in range(num_levels)))
+    sizes = tuple(
+        (x, int(x * 2 ** (1.0 / 3)), int(x * 2 ** (2.0 / 3)))
+        for x in (int(base) * 2**level for level in range(num_levels))
+    )
     return sizes, (tuple(float(r) for r in ratios),) * num_levels
 
 
@@ -73,8 +83,7 @@ def _canvases(n: int, canvas_hw) -> np.ndarray:
     return np.broadcast_to(c.reshape(-1, 2) if c.ndim == 2 else c.reshape(1, 2), (n, 2))
 
 
-def nearest_centres(boxes: np.ndarray, canvas_hw=None,
-                    num_levels: int = NUM_LEVELS) -> np.ndarray:
+def nearest_centres(boxes: np.ndarray, canvas_hw=None, num_levels: int = NUM_LEVELS) -> np.ndarray:
     """Anchor centre nearest to each box centre, per level: float64 [L, N, 2] (x, y).
 
     ``canvas_hw``: None (unbounded grid, strides 8 * 2^l), one (H, W) for every box, or int
@@ -115,9 +124,14 @@ def _iou_at(boxes: np.ndarray, centres: np.ndarray, shapes: np.ndarray) -> np.nd
     return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
 
 
-def best_anchor_iou(boxes: np.ndarray, sizes: Sequence[Sequence[int]] = DEFAULT_SIZES,
-                    aspect_ratios: Sequence[Sequence[float]] = DEFAULT_ASPECT_RATIOS,
-                    canvas_hw=None, *, centres: Optional[np.ndarray] = None) -> np.ndarray:
+def best_anchor_iou(
+    boxes: np.ndarray,
+    sizes: Sequence[Sequence[int]] = DEFAULT_SIZES,
+    aspect_ratios: Sequence[Sequence[float]] = DEFAULT_ASPECT_RATIOS,
+    canvas_hw=None,
+    *,
+    centres: np.ndarray | None = None,
+) -> np.ndarray:
     """For each box [N,4] xyxy (model pixels), the best IoU over all anchors: float64 [N].
 
     See the module doc for why the nearest grid point per level is exact. ``centres``: a
@@ -126,8 +140,9 @@ def best_anchor_iou(boxes: np.ndarray, sizes: Sequence[Sequence[int]] = DEFAULT_
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     sizes, aspect_ratios = _nested(sizes), _nested(aspect_ratios)
     if len(sizes) != len(aspect_ratios):
-        raise ValueError(f"need one sizes and aspect_ratios entry per level, got {len(sizes)} "
-                         f"and {len(aspect_ratios)}")
+        raise ValueError(
+            f"need one sizes and aspect_ratios entry per level, got {len(sizes)} and {len(aspect_ratios)}"
+        )
     if centres is None:
         centres = nearest_centres(boxes, canvas_hw, len(sizes))
     best = np.zeros(len(boxes), np.float64)
@@ -155,8 +170,7 @@ class Coverage:
         return self.share[name][float(threshold)]
 
 
-def coverage(boxes: np.ndarray, best_iou: np.ndarray,
-             thresholds: Sequence[float] = THRESHOLDS) -> Coverage:
+def coverage(boxes: np.ndarray, best_iou: np.ndarray, thresholds: Sequence[float] = THRESHOLDS) -> Coverage:
     """:class:`Coverage` of boxes [N,4] (model pixels) given their :func:`best_anchor_iou`."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     best_iou = np.asarray(best_iou, np.float64)
@@ -166,14 +180,20 @@ def coverage(boxes: np.ndarray, best_iou: np.ndarray,
     count, share = {}, {}
     for name, sel in groups.items():
         count[name] = int(sel.sum())
-        share[name] = {float(t): float(np.mean(best_iou[sel] >= t)) if sel.any() else float("nan")
-                       for t in thresholds}
+        share[name] = {
+            float(t): float(np.mean(best_iou[sel] >= t)) if sel.any() else float("nan") for t in thresholds
+        }
     mean = float(best_iou.mean()) if len(best_iou) else float("nan")
     return Coverage(tuple(float(t) for t in thresholds), count, share, mean)
 
 
-def anchor_coverage(boxes: np.ndarray, sizes=DEFAULT_SIZES, aspect_ratios=DEFAULT_ASPECT_RATIOS,
-                    canvas_hw=None, thresholds: Sequence[float] = THRESHOLDS) -> Coverage:
+def anchor_coverage(
+    boxes: np.ndarray,
+    sizes=DEFAULT_SIZES,
+    aspect_ratios=DEFAULT_ASPECT_RATIOS,
+    canvas_hw=None,
+    thresholds: Sequence[float] = THRESHOLDS,
+) -> Coverage:
     """:func:`coverage` of :func:`best_anchor_iou` in one call."""
     return coverage(boxes, best_anchor_iou(boxes, sizes, aspect_ratios, canvas_hw), thresholds)
 
@@ -181,14 +201,20 @@ def anchor_coverage(boxes: np.ndarray, sizes=DEFAULT_SIZES, aspect_ratios=DEFAUL
 def format_coverage(cov: Coverage) -> str:
     """A small text table: rows all / small / medium / large, columns boxes and IoU >= t."""
     head = f"  {'boxes (sqrt(area), px)':<24}{'count':>8}" + "".join(
-        f"{'IoU>=' + format(t, 'g'):>10}" for t in cov.thresholds)
-    labels = {"all": "all", **{n: f"{n} ({lo:g}-{hi:g})" if hi != float("inf") else f"{n} (>{lo:g})"
-                                for n, lo, hi in SIZE_RANGES}}
+        f"{'IoU>=' + format(t, 'g'):>10}" for t in cov.thresholds
+    )
+    labels = {
+        "all": "all",
+        **{
+            n: f"{n} ({lo:g}-{hi:g})" if hi != float("inf") else f"{n} (>{lo:g})" for n, lo, hi in SIZE_RANGES
+        },
+    }
     labels["small"] = f"small (<{SIZE_RANGES[0][2]:g})"
     rows = [head]
     for name, label in labels.items():
-        cells = "".join(f"{cov.share[name][t]:>10.3f}" if cov.count[name] else f"{'-':>10}"
-                        for t in cov.thresholds)
+        cells = "".join(
+            f"{cov.share[name][t]:>10.3f}" if cov.count[name] else f"{'-':>10}" for t in cov.thresholds
+        )
         rows.append(f"  {label:<24}{cov.count[name]:>8d}{cells}")
     return "\n".join(rows)
 
@@ -202,11 +228,16 @@ class SearchResult:
     coverage: Coverage
 
 
-def search_anchors(boxes: np.ndarray, canvas_hw=None, *,
-                   bases: Sequence[int] = SEARCH_BASES,
-                   ratio_candidates: Sequence[float] = SEARCH_RATIOS,
-                   thresholds: Sequence[float] = THRESHOLDS,
-                   max_boxes: int = 20000, seed: int = 0) -> SearchResult:
+def search_anchors(
+    boxes: np.ndarray,
+    canvas_hw=None,
+    *,
+    bases: Sequence[int] = SEARCH_BASES,
+    ratio_candidates: Sequence[float] = SEARCH_RATIOS,
+    thresholds: Sequence[float] = THRESHOLDS,
+    max_boxes: int = 20000,
+    seed: int = 0,
+) -> SearchResult:
     """The P3 base size and 3 aspect ratios (torchvision structure, see module doc) that
     maximise coverage at ``thresholds[0]``; ties go to ``thresholds[1]``, then the mean IoU.
 
@@ -227,8 +258,9 @@ def search_anchors(boxes: np.ndarray, canvas_hw=None, *,
     t_main, t_tie = float(thresholds[0]), float(thresholds[-1])
     best_key, best = None, None
     for base in bases:
-        per_ratio = np.stack([best_anchor_iou(b, *structured_anchors(base, (r,)), centres=centres)
-                              for r in ratios])  # [R, N]
+        per_ratio = np.stack(
+            [best_anchor_iou(b, *structured_anchors(base, (r,)), centres=centres) for r in ratios]
+        )  # [R, N]
         for combo in itertools.combinations(range(len(ratios)), 3):
             iou = per_ratio[list(combo)].max(axis=0)
             key = (np.mean(iou >= t_main), np.mean(iou >= t_tie), iou.mean())
@@ -239,9 +271,12 @@ def search_anchors(boxes: np.ndarray, canvas_hw=None, *,
     return SearchResult(best[0], best[1], sizes, aspect, cov)
 
 
-def config_overrides(sizes: Sequence[Sequence[int]],
-                     aspect_ratios: Sequence[Sequence[float]]) -> dict[str, tuple]:
+def config_overrides(
+    sizes: Sequence[Sequence[int]], aspect_ratios: Sequence[Sequence[float]]
+) -> dict[str, tuple]:
     """``{"model.anchor_sizes": ..., "model.aspect_ratios": ...}`` (configs/base.py keys) as
     plain nested tuples, for a config file or ``train.py --config.model.anchor_sizes=...``."""
-    return {"model.anchor_sizes": tuple(tuple(int(s) for s in level) for level in sizes),
-            "model.aspect_ratios": tuple(tuple(float(r) for r in level) for level in aspect_ratios)}
+    return {
+        "model.anchor_sizes": tuple(tuple(int(s) for s in level) for level in sizes),
+        "model.aspect_ratios": tuple(tuple(float(r) for r in level) for level in aspect_ratios),
+    }

@@ -44,6 +44,28 @@ def _iou_gt(a, b, thr):
     return jnp.where(union > 0, inter / jnp.where(union > 0, union, 1), 0) > thr
 
 
+def _appender(keep, count, d):
+    """``append(buffer [d], values [t])``: ``values[keep]`` (in order) written to
+    ``buffer[count:]``, what does not fit past ``d`` dropped.
+
+    As a gather, not a scatter: slot ``count + r`` takes the (r+1)-th kept value, whose index is
+    the number of tile positions with fewer than r+1 kept values up to them. The same result as
+    ``buffer.at[pos].set(values, mode="drop")``, and it converts to ONNX (Gather, Where;
+    ``inference/onnx_export.py``), where a scatter that drops out-of-bounds updates does not.
+    """
+    t = keep.shape[0]
+    ranks = jnp.cumsum(keep, dtype=jnp.int32)  # [t]: kept values up to each position
+    r = jnp.arange(d, dtype=jnp.int32) - count  # [d]: which kept value each slot would take
+    src = jnp.sum((ranks[None, :] <= r[:, None]).astype(jnp.int32), axis=1)
+    take = (r >= 0) & (r < ranks[t - 1])
+    src = jnp.minimum(src, t - 1)
+
+    def append(buffer, values):
+        return jnp.where(take, values[src], buffer)
+
+    return append
+
+
 def _f32_threshold(t):
     # torchvision compares the float32 IoU against a float64 threshold. For float32 x,
     # x > t (double) <=> x > (largest float32 <= t), so that threshold gives identical decisions.
@@ -109,9 +131,7 @@ def batched_nms_padded(
 
     # Stable sort on (invalid, -score): valid boxes first, by descending score, ties by index.
     iota = jnp.arange(n, dtype=jnp.int32)
-    _, _, order = jax.lax.sort(
-        ((~valid).astype(jnp.int32), -scores, iota), num_keys=2, is_stable=True
-    )
+    _, _, order = jax.lax.sort(((~valid).astype(jnp.int32), -scores, iota), num_keys=2, is_stable=True)
     pad = n_pad - n
     s_coords = tuple(jnp.pad(boxes[order, i], (0, pad)) for i in range(4))
     s_labels = jnp.pad(labels[order], (0, pad), constant_values=-1)
@@ -149,11 +169,11 @@ def batched_nms_padded(
         keep, _ = jax.lax.while_loop(lambda c: c[1], sweep, sweep((cand, True)))
 
         # Append kept boxes to the buffer in score order; overflow past max_output is dropped.
-        pos = jnp.where(keep, count + jnp.cumsum(keep, dtype=jnp.int32) - 1, d)
-        kept_boxes = tuple(k.at[pos].set(c, mode="drop") for k, c in zip(kept_boxes, tb))
-        kept_labels = kept_labels.at[pos].set(tl, mode="drop")
-        kept_valid = kept_valid.at[pos].set(True, mode="drop")
-        out = out.at[pos].set(ti, mode="drop")
+        append = _appender(keep, count, d)
+        kept_boxes = tuple(append(k, c) for k, c in zip(kept_boxes, tb))
+        kept_labels = append(kept_labels, tl)
+        kept_valid = append(kept_valid, tv)
+        out = append(out, ti)
         count = count + jnp.sum(keep, dtype=jnp.int32)
         return t + 1, count, kept_boxes, kept_labels, kept_valid, out
 

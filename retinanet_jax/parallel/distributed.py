@@ -25,7 +25,6 @@ import os
 import sys
 import traceback
 from collections.abc import Mapping
-from typing import Optional
 
 from absl import flags
 
@@ -50,10 +49,10 @@ class DistributedOptions:
         checkpoint and evaluation are collective).
     """
 
-    coordinator_address: Optional[str] = None
-    num_processes: Optional[int] = None
-    process_id: Optional[int] = None
-    local_device_ids: Optional[tuple[int, ...]] = None
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: tuple[int, ...] | None = None
     initialization_timeout: int = 300
     heartbeat_timeout: int = 60
     shutdown_timeout: int = 120
@@ -62,14 +61,19 @@ class DistributedOptions:
 # Environment variables that ``jax.distributed.initialize()``'s cluster detection reads (jax's
 # documented SLURM / Open MPI / Cloud TPU auto-detection); we read the same ones, through public
 # channels only, to decide *whether* to call it. jax itself fills in the arguments.
-SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
-              "SLURM_LOCALID")  # all present: jax's "slurm" detection applies
+SLURM_VARS = (
+    "SLURM_JOB_ID",
+    "SLURM_STEP_NODELIST",
+    "SLURM_NTASKS",
+    "SLURM_PROCID",
+    "SLURM_LOCALID",
+)  # all present: jax's "slurm" detection applies
 OMPI_URI = "OMPI_MCA_orte_hnp_uri"  # present: jax's "ompi" detection applies (Open MPI <= 4)
 TPU_WORKER_LISTS = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")  # GKE TPU: one per host
 GCE_METADATA = "http://{host}/computeMetadata/v1/instance/attributes/{key}"  # GCE TPU VMs
 
 
-def detect_launcher(environ: Mapping[str, str] = os.environ) -> Optional[str]:
+def detect_launcher(environ: Mapping[str, str] = os.environ) -> str | None:
     """``"slurm"`` / ``"ompi"`` / ``"tpu"`` when a multi-process launcher started this process.
 
     Only launchers that ``jax.distributed.initialize()`` can read by itself count, and only
@@ -78,13 +82,12 @@ def detect_launcher(environ: Mapping[str, str] = os.environ) -> Optional[str]:
     return _detect(environ)[0]
 
 
-def launcher_processes(environ: Mapping[str, str] = os.environ
-                       ) -> tuple[Optional[int], Optional[int]]:
+def launcher_processes(environ: Mapping[str, str] = os.environ) -> tuple[int | None, int | None]:
     """(process_id, num_processes) as the detected launcher reports them (``None``: unknown)."""
     return _detect(environ)[1:]
 
 
-def _detect(environ: Mapping[str, str]) -> tuple[Optional[str], Optional[int], Optional[int]]:
+def _detect(environ: Mapping[str, str]) -> tuple[str | None, int | None, int | None]:
     if all(k in environ for k in SLURM_VARS):
         # SLURM_STEP_NUM_TASKS: the srun step's tasks; SLURM_NTASKS (what jax reads) is the
         # allocation's outside srun (an sbatch script) and the step's inside.
@@ -101,7 +104,7 @@ def _detect(environ: Mapping[str, str]) -> tuple[Optional[str], Optional[int], O
     return None, None, None
 
 
-def _int(value: Optional[str], default: Optional[int] = 0) -> Optional[int]:
+def _int(value: str | None, default: int | None = 0) -> int | None:
     try:
         return int(value) if value is not None else default
     except ValueError:
@@ -122,13 +125,12 @@ def _on_cloud_tpu_vm(environ: Mapping[str, str]) -> bool:
     return bool(glob.glob("/dev/accel[0-9]*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
-def _gce_metadata(key: str, environ: Mapping[str, str]) -> Optional[str]:
+def _gce_metadata(key: str, environ: Mapping[str, str]) -> str | None:
     """A GCE instance attribute from the (public) metadata server; ``None`` when not there."""
     import urllib.error
     import urllib.request
 
-    url = GCE_METADATA.format(host=environ.get("GCE_METADATA_IP", "metadata.google.internal"),
-                              key=key)
+    url = GCE_METADATA.format(host=environ.get("GCE_METADATA_IP", "metadata.google.internal"), key=key)
     request = urllib.request.Request(url, headers={"Metadata-Flavor": "Google"})
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -137,7 +139,7 @@ def _gce_metadata(key: str, environ: Mapping[str, str]) -> Optional[str]:
         return None
 
 
-def _tpu_env(key: str, environ: Mapping[str, str]) -> Optional[str]:
+def _tpu_env(key: str, environ: Mapping[str, str]) -> str | None:
     """A TPU setting from the environment, else from the VM's ``tpu-env`` metadata."""
     if key in environ:
         return environ[key]
@@ -173,8 +175,7 @@ def _tpu_process_count(environ: Mapping[str, str]) -> int:
     return len([w for w in workers.split(",") if w.strip()]) * slices
 
 
-def plan(mode: str, options: DistributedOptions,
-         environ: Mapping[str, str] = os.environ) -> Optional[str]:
+def plan(mode: str, options: DistributedOptions, environ: Mapping[str, str] = os.environ) -> str | None:
     """Why this process should call ``jax.distributed.initialize`` (``None``: it should not).
 
     ``mode``: ``"auto"`` (explicit settings or a detected launcher), ``"on"`` (always; jax
@@ -185,23 +186,34 @@ def plan(mode: str, options: DistributedOptions,
     if mode == "off":
         return None
     coordinator = options.coordinator_address or environ.get("JAX_COORDINATOR_ADDRESS")
-    explicit = coordinator is not None or options.num_processes is not None \
-        or options.process_id is not None
+    explicit = coordinator is not None or options.num_processes is not None or options.process_id is not None
     if explicit:
         launcher = detect_launcher(environ)
-        missing = [name for name, value in (("--coordinator_address", coordinator),
-                                            ("--num_processes", options.num_processes),
-                                            ("--process_id", options.process_id))
-                   if value is None]
+        missing = [
+            name
+            for name, value in (
+                ("--coordinator_address", coordinator),
+                ("--num_processes", options.num_processes),
+                ("--process_id", options.process_id),
+            )
+            if value is None
+        ]
         if missing and launcher is None:
-            raise ValueError(f"multi-process settings are incomplete: set {', '.join(missing)} "
-                             "too (or launch with srun / mpirun / on a TPU slice)")
+            raise ValueError(
+                f"multi-process settings are incomplete: set {', '.join(missing)} "
+                "too (or launch with srun / mpirun / on a TPU slice)"
+            )
         if options.num_processes is not None and options.num_processes < 1:
             raise ValueError(f"--num_processes must be >= 1, got {options.num_processes}")
-        if options.num_processes is not None and options.process_id is not None \
-                and not 0 <= options.process_id < options.num_processes:
-            raise ValueError(f"--process_id={options.process_id} must be in "
-                             f"0..{options.num_processes - 1} (--num_processes)")
+        if (
+            options.num_processes is not None
+            and options.process_id is not None
+            and not 0 <= options.process_id < options.num_processes
+        ):
+            raise ValueError(
+                f"--process_id={options.process_id} must be in "
+                f"0..{options.num_processes - 1} (--num_processes)"
+            )
         if options.num_processes == 1 and mode == "auto":
             return None
         return "explicit settings" + (f" + {launcher}" if launcher else "")
@@ -231,16 +243,23 @@ def initialize(mode: str = "auto", options: DistributedOptions = DistributedOpti
     if jax.config.jax_cpu_collectives_implementation is None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     ids = list(options.local_device_ids) if options.local_device_ids is not None else None
-    log.info("jax.distributed.initialize (%s): coordinator %s, process %s of %s; heartbeat "
-             "timeout %d s", reason, options.coordinator_address or "auto",
-             "auto" if options.process_id is None else options.process_id,
-             options.num_processes or "auto", options.heartbeat_timeout)
+    log.info(
+        "jax.distributed.initialize (%s): coordinator %s, process %s of %s; heartbeat timeout %d s",
+        reason,
+        options.coordinator_address or "auto",
+        "auto" if options.process_id is None else options.process_id,
+        options.num_processes or "auto",
+        options.heartbeat_timeout,
+    )
     jax.distributed.initialize(
-        coordinator_address=options.coordinator_address, num_processes=options.num_processes,
-        process_id=options.process_id, local_device_ids=ids,
+        coordinator_address=options.coordinator_address,
+        num_processes=options.num_processes,
+        process_id=options.process_id,
+        local_device_ids=ids,
         initialization_timeout=options.initialization_timeout,
         heartbeat_timeout_seconds=options.heartbeat_timeout,
-        shutdown_timeout_seconds=options.shutdown_timeout)
+        shutdown_timeout_seconds=options.shutdown_timeout,
+    )
     pid, count = options.process_id, options.num_processes
     if pid is None or count is None:  # jax took them from the launcher: so do we
         launcher_id, launcher_count = launcher_processes()
@@ -291,7 +310,8 @@ def exit_on_error(exc: BaseException, heartbeat_timeout: int) -> None:
     sys.stderr.write(
         f"{text}\nprocess {process_id} of {num_processes} failed: "
         f"{type(exc).__name__}: {exc}\nExiting now without jax's shutdown barrier; the other "
-        f"processes stop within the heartbeat timeout ({heartbeat_timeout} s).\n")
+        f"processes stop within the heartbeat timeout ({heartbeat_timeout} s).\n"
+    )
     sys.stderr.flush()
     sys.stdout.flush()
     logging.shutdown()
@@ -307,25 +327,48 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     d = DistributedOptions
     fv = dict(flag_values=flag_values)
     flags.DEFINE_enum(
-        "distributed", "auto", MODES,
+        "distributed",
+        "auto",
+        MODES,
         "auto: call jax.distributed.initialize() when the flags below are set or a "
         "multi-process launcher is detected (srun, mpirun, Cloud TPU slice); on: always; "
-        "off: never.", **fv)
+        "off: never.",
+        **fv,
+    )
     flags.DEFINE_string(
-        "coordinator_address", None, "HOST:PORT of process 0's coordination service (the same "
-        "for all processes); default: $JAX_COORDINATOR_ADDRESS or the launcher's.", **fv)
+        "coordinator_address",
+        None,
+        "HOST:PORT of process 0's coordination service (the same "
+        "for all processes); default: $JAX_COORDINATOR_ADDRESS or the launcher's.",
+        **fv,
+    )
     flags.DEFINE_integer("num_processes", None, "Processes in the job.", **fv)
     flags.DEFINE_integer("process_id", None, "This process's index, 0..num_processes-1.", **fv)
     flags.DEFINE_list(
-        "local_device_ids", None, "Local accelerator ids this process uses, e.g. 0,1,2,3 "
-        "(default: all; one per process under srun / mpirun on GPU).", **fv)
-    flags.DEFINE_integer("initialization_timeout", d.initialization_timeout,
-                         "Seconds the processes wait for each other to connect at start-up.", **fv)
-    flags.DEFINE_integer("heartbeat_timeout", d.heartbeat_timeout,
-                         "Seconds without a heartbeat after which a process counts as dead and "
-                         "all the others stop.", **fv)
-    flags.DEFINE_integer("shutdown_timeout", d.shutdown_timeout,
-                         "Seconds a finished process waits at exit for the others.", **fv)
+        "local_device_ids",
+        None,
+        "Local accelerator ids this process uses, e.g. 0,1,2,3 "
+        "(default: all; one per process under srun / mpirun on GPU).",
+        **fv,
+    )
+    flags.DEFINE_integer(
+        "initialization_timeout",
+        d.initialization_timeout,
+        "Seconds the processes wait for each other to connect at start-up.",
+        **fv,
+    )
+    flags.DEFINE_integer(
+        "heartbeat_timeout",
+        d.heartbeat_timeout,
+        "Seconds without a heartbeat after which a process counts as dead and all the others stop.",
+        **fv,
+    )
+    flags.DEFINE_integer(
+        "shutdown_timeout",
+        d.shutdown_timeout,
+        "Seconds a finished process waits at exit for the others.",
+        **fv,
+    )
 
 
 def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[str, DistributedOptions]:
@@ -337,7 +380,11 @@ def from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> tuple[str, Distri
     except ValueError as e:
         raise ValueError(f"--local_device_ids must be integers, got {list(ids)}") from e
     return f.distributed, DistributedOptions(
-        coordinator_address=f.coordinator_address, num_processes=f.num_processes,
-        process_id=f.process_id, local_device_ids=ids,
-        initialization_timeout=f.initialization_timeout, heartbeat_timeout=f.heartbeat_timeout,
-        shutdown_timeout=f.shutdown_timeout)
+        coordinator_address=f.coordinator_address,
+        num_processes=f.num_processes,
+        process_id=f.process_id,
+        local_device_ids=ids,
+        initialization_timeout=f.initialization_timeout,
+        heartbeat_timeout=f.heartbeat_timeout,
+        shutdown_timeout=f.shutdown_timeout,
+    )

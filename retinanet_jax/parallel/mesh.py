@@ -17,11 +17,13 @@ cross processes as they cross devices. A ``model`` group must stay inside one pr
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 PyTree = Any
 DATA_AXIS = "data"
@@ -29,9 +31,9 @@ MODEL_AXIS = "model"
 
 
 def make_mesh(
-    data: Optional[int] = None,
+    data: int | None = None,
     model: int = 1,
-    devices: Optional[Sequence[jax.Device]] = None,
+    devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
     """Mesh of shape ``(data, model)`` with axes ``("data", "model")``.
 
@@ -47,8 +49,7 @@ def make_mesh(
         data = len(all_devices) // model
     n = data * model
     if n > len(all_devices) or n < 1:
-        raise ValueError(f"mesh data={data} x model={model} needs {n} devices, "
-                         f"have {len(all_devices)}")
+        raise ValueError(f"mesh data={data} x model={model} needs {n} devices, have {len(all_devices)}")
     if devices is None and n == len(all_devices):
         from jax.experimental import mesh_utils
 
@@ -58,7 +59,7 @@ def make_mesh(
     return Mesh(grid, (DATA_AXIS, MODEL_AXIS))
 
 
-def mesh_devices(num_devices: Optional[int] = None) -> Optional[list[jax.Device]]:
+def mesh_devices(num_devices: int | None = None) -> list[jax.Device] | None:
     """``num_devices`` of the global devices, the same number from every process (None = all).
 
     Taking the first ``num_devices`` of ``jax.devices()`` would leave later processes without
@@ -68,8 +69,10 @@ def mesh_devices(num_devices: Optional[int] = None) -> Optional[list[jax.Device]
         return None
     count = jax.process_count()
     if num_devices % count or num_devices > jax.device_count():
-        raise ValueError(f"config.mesh.num_devices={num_devices} must be a multiple of the "
-                         f"{count} processes and at most the {jax.device_count()} devices")
+        raise ValueError(
+            f"config.mesh.num_devices={num_devices} must be a multiple of the "
+            f"{count} processes and at most the {jax.device_count()} devices"
+        )
     per_process = num_devices // count
     by_process: dict[int, list[jax.Device]] = {}
     for d in jax.devices():
@@ -84,7 +87,8 @@ def check_process_layout(mesh: Mesh) -> None:
         if len({d.process_index for d in row}) > 1:
             raise ValueError(
                 f"config.mesh.model={mesh.shape[MODEL_AXIS]} spans several processes; it must "
-                f"divide each process's {jax.local_device_count()} devices")
+                f"divide each process's {jax.local_device_count()} devices"
+            )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -116,9 +120,7 @@ def tree_shardings(tree: PyTree, mesh: Mesh) -> PyTree:
     batch statistics, so an optimizer moment lives where its parameter lives.
     """
     model_size = mesh.shape[MODEL_AXIS]
-    return jax.tree.map(
-        lambda x: NamedSharding(mesh, param_spec(np.shape(x), model_size)), tree
-    )
+    return jax.tree.map(lambda x: NamedSharding(mesh, param_spec(np.shape(x), model_size)), tree)
 
 
 def local_batch_size(global_batch_size: int, mesh: Mesh, name: str = "global batch") -> int:
@@ -132,8 +134,7 @@ def local_batch_size(global_batch_size: int, mesh: Mesh, name: str = "global bat
         )
     if global_batch_size % jax.process_count():
         raise ValueError(
-            f"{name}={global_batch_size} is not divisible by the "
-            f"{jax.process_count()} processes"
+            f"{name}={global_batch_size} is not divisible by the {jax.process_count()} processes"
         )
     return global_batch_size // jax.process_count()
 

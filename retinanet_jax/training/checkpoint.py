@@ -23,7 +23,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import flax.serialization
 import jax
@@ -32,14 +32,26 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from retinanet_jax.models.retinanet import RetinaNet
-from retinanet_jax.models.spec import (CheckpointMismatchError, check_compatible, check_variables,
-                                       model_from_spec)
+from retinanet_jax.models.spec import (
+    CheckpointMismatchError,
+    check_compatible,
+    check_variables,
+    model_from_spec,
+)
 from retinanet_jax.training.step import merge_params
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CheckpointMismatchError", "Checkpointer", "Restored", "TrainedModel", "check_compatible",
-           "config_to_dict", "find_checkpoints", "load_trained"]
+__all__ = [
+    "CheckpointMismatchError",
+    "Checkpointer",
+    "Restored",
+    "TrainedModel",
+    "check_compatible",
+    "config_to_dict",
+    "find_checkpoints",
+    "load_trained",
+]
 
 _STATE, _CONFIG, _META = "state", "config", "meta"
 
@@ -71,8 +83,9 @@ def _abstract(tree: Any) -> Any:
 
     def one(x):
         sharding = getattr(x, "sharding", None) if isinstance(x, jax.Array) else None
-        return jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype if sharding is None else x.dtype,
-                                    sharding=sharding or default)
+        return jax.ShapeDtypeStruct(
+            np.shape(x), np.asarray(x).dtype if sharding is None else x.dtype, sharding=sharding or default
+        )
 
     return jax.tree.map(one, tree)
 
@@ -86,8 +99,14 @@ class Checkpointer:
     (call :meth:`wait` or :meth:`close` before reading the files or exiting).
     """
 
-    def __init__(self, directory: str | epath.PathLike, *, max_to_keep: int = 3,
-                 best_metric: str | None = "eval/AP", async_save: bool = True):
+    def __init__(
+        self,
+        directory: str | epath.PathLike,
+        *,
+        max_to_keep: int = 3,
+        best_metric: str | None = "eval/AP",
+        async_save: bool = True,
+    ):
         if max_to_keep < 1:
             raise ValueError(f"max_to_keep must be >= 1, got {max_to_keep}")
         self.directory = epath.Path(directory)
@@ -96,20 +115,28 @@ class Checkpointer:
         best_fn = None
         if best_metric is not None:
             best_fn = lambda metrics: float(metrics[best_metric])  # noqa: E731
-            policies.append(ocp.checkpoint_managers.BestN(
-                get_metric_fn=best_fn, n=1, keep_checkpoints_without_metrics=False))
+            policies.append(
+                ocp.checkpoint_managers.BestN(
+                    get_metric_fn=best_fn, n=1, keep_checkpoints_without_metrics=False
+                )
+            )
         options = ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
-            best_fn=best_fn, best_mode="max",
+            best_fn=best_fn,
+            best_mode="max",
             enable_async_checkpointing=async_save,
             # Leftovers of a crashed save are never read; deleting them keeps the dir clean.
             cleanup_tmp_directories=True,
         )
         self._manager = ocp.CheckpointManager(
-            self.directory, options=options,
-            item_handlers={_STATE: ocp.StandardCheckpointHandler(),
-                           _CONFIG: ocp.JsonCheckpointHandler(),
-                           _META: ocp.JsonCheckpointHandler()})
+            self.directory,
+            options=options,
+            item_handlers={
+                _STATE: ocp.StandardCheckpointHandler(),
+                _CONFIG: ocp.JsonCheckpointHandler(),
+                _META: ocp.JsonCheckpointHandler(),
+            },
+        )
 
     # ------------------------------------------------------------------ queries
     def latest_step(self) -> int | None:
@@ -128,29 +155,42 @@ class Checkpointer:
         return bool(self._manager.reached_preemption(step))
 
     # ------------------------------------------------------------------ save / restore
-    def save(self, step: int, state: Any, *, config: Any = None,
-             class_names: Sequence[str] | None = None, data_state: Any = None,
-             metrics: Mapping[str, float] | None = None, extra: Mapping[str, Any] | None = None,
-             ) -> bool:
+    def save(
+        self,
+        step: int,
+        state: Any,
+        *,
+        config: Any = None,
+        class_names: Sequence[str] | None = None,
+        data_state: Any = None,
+        metrics: Mapping[str, float] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> bool:
         """Save ``state`` at ``step`` (no-op if that step exists). Returns True if saved.
 
         ``metrics`` (e.g. ``{"eval/AP": 0.3}``) rank checkpoints for the best-one policy.
         """
         if step in self._manager.all_steps():
             return False
-        meta = {"class_names": list(class_names) if class_names is not None else None,
-                "data_state": data_state, "extra": dict(extra or {})}
+        meta = {
+            "class_names": list(class_names) if class_names is not None else None,
+            "data_state": data_state,
+            "extra": dict(extra or {}),
+        }
         try:  # fail here, not in orbax's background writer
             json.dumps(meta)
         except TypeError as e:
-            raise TypeError(f"Checkpointer.save: class_names, data_state and extra must be JSON "
-                            f"values ({e})") from e
+            raise TypeError(
+                f"Checkpointer.save: class_names, data_state and extra must be JSON values ({e})"
+            ) from e
         # orbax JsonSave needs a dict; an absent config is stored as {}.
-        args = ocp.args.Composite(**{
-            _STATE: ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
-            _CONFIG: ocp.args.JsonSave(config_to_dict(config) or {}),
-            _META: ocp.args.JsonSave(meta),
-        })
+        args = ocp.args.Composite(
+            **{
+                _STATE: ocp.args.StandardSave(flax.serialization.to_state_dict(state)),
+                _CONFIG: ocp.args.JsonSave(config_to_dict(config) or {}),
+                _META: ocp.args.JsonSave(meta),
+            }
+        )
         best = None
         if metrics is not None:
             best = {k: float(v) for k, v in metrics.items()}
@@ -165,25 +205,31 @@ class Checkpointer:
             if step is None:
                 raise FileNotFoundError(f"no complete checkpoint in {self.directory}")
         elif step not in self.all_steps():
-            raise FileNotFoundError(f"no checkpoint for step {step} in {self.directory} "
-                                    f"(have {self.all_steps()})")
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})"
+            )
         return int(step)
 
     def read_meta(self, step: int | None = None) -> Restored:
         """Everything but the arrays (``state`` is None): config, class names, data state,
         extras of ``step`` (default latest). Cheap; use it to rebuild the model first."""
         step = self._resolve(step)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{
-            _CONFIG: ocp.args.JsonRestore(), _META: ocp.args.JsonRestore()}))
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore(), _META: ocp.args.JsonRestore()})
+        )
         return self._restored(None, step, restored)
 
     @staticmethod
     def _restored(state: Any, step: int, restored: Any) -> Restored:
         meta = restored[_META] or {}
-        return Restored(state=state, step=step, config=restored[_CONFIG] or None,
-                        class_names=meta.get("class_names"),
-                        data_state=meta.get("data_state"),
-                        extra=meta.get("extra") or {})
+        return Restored(
+            state=state,
+            step=step,
+            config=restored[_CONFIG] or None,
+            class_names=meta.get("class_names"),
+            data_state=meta.get("data_state"),
+            extra=meta.get("extra") or {},
+        )
 
     def restore(self, target: Any, step: int | None = None) -> Restored:
         """Restore into the structure, shapes and shardings of ``target`` (a template state).
@@ -199,11 +245,16 @@ class Checkpointer:
         saved_meta = self._manager.item_metadata(step)[_STATE]
         saved_tree = getattr(saved_meta, "tree", saved_meta)
         check_compatible(saved_tree, target_dict, where)
-        restored = self._manager.restore(step, args=ocp.args.Composite(**{
-            _STATE: ocp.args.StandardRestore(_abstract(target_dict)),
-            _CONFIG: ocp.args.JsonRestore(),
-            _META: ocp.args.JsonRestore(),
-        }))
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                **{
+                    _STATE: ocp.args.StandardRestore(_abstract(target_dict)),
+                    _CONFIG: ocp.args.JsonRestore(),
+                    _META: ocp.args.JsonRestore(),
+                }
+            ),
+        )
         state = flax.serialization.from_state_dict(target, restored[_STATE])
         return self._restored(state, step, restored)
 
@@ -216,7 +267,7 @@ class Checkpointer:
         self._manager.wait_until_finished()
         self._manager.close()
 
-    def __enter__(self) -> "Checkpointer":
+    def __enter__(self) -> Checkpointer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -234,13 +285,13 @@ class TrainedModel:
     variables: dict  # {"params" (trainable and frozen merged), "batch_stats"}
     step: int
     config: dict  # the run's config (``{}`` if none was stored)
-    class_names: Optional[list[str]]
-    category_ids: Optional[list[int]]  # label -> dataset category id (None: not stored)
-    preprocess: Optional[dict]  # {"min_size", "max_size"} of config.eval, if set
+    class_names: list[str] | None
+    category_ids: list[int] | None  # label -> dataset category id (None: not stored)
+    preprocess: dict | None  # {"min_size", "max_size"} of config.eval, if set
     where: str  # "<checkpoints dir>/<step>", for messages
 
 
-def find_checkpoints(path: str, step: Optional[int] = None) -> Optional[tuple[str, Optional[int]]]:
+def find_checkpoints(path: str, step: int | None = None) -> tuple[str, int | None] | None:
     """``(orbax checkpoints directory, step or None)`` for a ``train.py`` workdir, its
     ``checkpoints/`` directory or one step directory in it; None if ``path`` is none of them."""
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -255,14 +306,20 @@ def find_checkpoints(path: str, step: Optional[int] = None) -> Optional[tuple[st
     return None
 
 
-def _restore_read_only(directory: str, step: Optional[int]) -> tuple[int, dict, dict, dict]:
+def _restore_read_only(directory: str, step: int | None) -> tuple[int, dict, dict, dict]:
     """(step, {"params", "frozen_params", "batch_stats"} arrays, config, meta), read-only."""
     options = ocp.CheckpointManagerOptions(
-        read_only=True, create=False, best_mode="max",
-        best_fn=lambda metrics: float(metrics["eval/AP"]))  # as Checkpointer's best_metric
-    manager = ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers={
-        _STATE: ocp.PyTreeCheckpointHandler(), _CONFIG: ocp.JsonCheckpointHandler(),
-        _META: ocp.JsonCheckpointHandler()})
+        read_only=True, create=False, best_mode="max", best_fn=lambda metrics: float(metrics["eval/AP"])
+    )  # as Checkpointer's best_metric
+    manager = ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=options,
+        item_handlers={
+            _STATE: ocp.PyTreeCheckpointHandler(),
+            _CONFIG: ocp.JsonCheckpointHandler(),
+            _META: ocp.JsonCheckpointHandler(),
+        },
+    )
     steps = list(manager.all_steps())
     if not steps:
         raise FileNotFoundError(f"{directory}: no complete checkpoint")
@@ -278,15 +335,25 @@ def _restore_read_only(directory: str, step: Optional[int]) -> tuple[int, dict, 
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     wanted = {k: tree[k] for k in ("params", "frozen_params", "batch_stats") if k in tree}
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), wanted)
-    restored = manager.restore(step, args=ocp.args.Composite(**{
-        _STATE: ocp.args.PyTreeRestore(abstract, partial_restore=True,
-                                       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract)),
-        _CONFIG: ocp.args.JsonRestore(), _META: ocp.args.JsonRestore()}))
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(
+            **{
+                _STATE: ocp.args.PyTreeRestore(
+                    abstract,
+                    partial_restore=True,
+                    restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                ),
+                _CONFIG: ocp.args.JsonRestore(),
+                _META: ocp.args.JsonRestore(),
+            }
+        ),
+    )
     manager.close()
     return int(step), dict(restored[_STATE]), restored[_CONFIG] or {}, restored[_META] or {}
 
 
-def _spec_from_config(config: dict, class_names: Optional[list]) -> dict:
+def _spec_from_config(config: dict, class_names: list | None) -> dict:
     # Checkpoints store the spec in meta.extra.model; older ones only have the config.
     m = dict(config.get("model") or {})
     spec = {k: m[k] for k in ("variant", "backbone", "bn_eps", "frozen_bn", "fpn_channels") if k in m}
@@ -294,7 +361,7 @@ def _spec_from_config(config: dict, class_names: Optional[list]) -> dict:
     return spec
 
 
-def load_trained(path: str, step: Optional[int] = None) -> TrainedModel:
+def load_trained(path: str, step: int | None = None) -> TrainedModel:
     """The model of a ``train.py`` checkpoint, for inference (no optimizer state is read).
 
     ``path``: a workdir, its ``checkpoints/`` directory or one step directory. ``step``: None =
@@ -311,11 +378,21 @@ def load_trained(path: str, step: Optional[int] = None) -> TrainedModel:
     extra = meta.get("extra") or {}
     where = f"{directory}/{step}"
     model = model_from_spec(extra.get("model") or _spec_from_config(config, names), where)
-    variables = {"params": merge_params(state.get("params") or {}, state.get("frozen_params") or {}),
-                 "batch_stats": state.get("batch_stats") or {}}
+    variables = {
+        "params": merge_params(state.get("params") or {}, state.get("frozen_params") or {}),
+        "batch_stats": state.get("batch_stats") or {},
+    }
     check_variables(model, variables, where)
     ev = config.get("eval") or {}
     pre = {k: ev[k] for k in ("min_size", "max_size") if k in ev} or None
     ids = extra.get("category_ids")
-    return TrainedModel(model, variables, step, config, list(names) if names else None,
-                        [int(i) for i in ids] if ids else None, pre, where)
+    return TrainedModel(
+        model,
+        variables,
+        step,
+        config,
+        list(names) if names else None,
+        [int(i) for i in ids] if ids else None,
+        pre,
+        where,
+    )

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ class OptimConfig:
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-4
-    norm_weight_decay: Optional[float] = None  # None = same as weight_decay (torchvision)
+    norm_weight_decay: float | None = None  # None = same as weight_decay (torchvision)
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
@@ -59,10 +60,10 @@ class OptimConfig:
     schedule_unit: str = "epoch"
     warmup_steps: int = 1000
     warmup_factor: float = 1e-3
-    clip_grad_norm: Optional[float] = None  # global-norm clipping of the raw gradient
+    clip_grad_norm: float | None = None  # global-norm clipping of the raw gradient
 
     @classmethod
-    def from_mapping(cls, cfg: Any) -> "OptimConfig":
+    def from_mapping(cls, cfg: Any) -> OptimConfig:
         """Builds from a dict / ml_collections.ConfigDict, ignoring unknown keys is an error."""
         items = dict(cfg.items()) if hasattr(cfg, "items") else dict(cfg)
         names = {f.name for f in dataclasses.fields(cls)}
@@ -94,9 +95,7 @@ def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
     raise ValueError(f"lr_scaling must be 'linear' or 'none', got {cfg.lr_scaling!r}")
 
 
-def make_schedule(
-    cfg: OptimConfig, steps_per_epoch: int, global_batch_size: int
-) -> optax.Schedule:
+def make_schedule(cfg: OptimConfig, steps_per_epoch: int, global_batch_size: int) -> optax.Schedule:
     """lr as a function of the number of applied updates, torchvision's composition.
 
     ``lr(step) = peak * warmup(step) * main(epoch)`` with ``epoch = step // steps_per_epoch``:
@@ -168,12 +167,13 @@ def scale_by_adam_torch(
     ``optax.scale_by_adam`` forms the bias correction ``1 - b2**t`` in float32, which for
     b2 = 0.999 and small t loses ~1e-5 to cancellation (torch uses Python doubles). Here
     ``1 - b**t = -expm1(t * log(b))`` with ``log(b)`` taken in double: float32-exact.
-    The state is optax's ``ScaleByAdamState`` (count, mu, nu).
+    The state is optax's ``ScaleByAdamState`` (count, mu, nu), float32 (float64 for float64
+    params: the float64 equality tests).
     """
     log_b1, log_b2 = math.log(b1), math.log(b2)
 
     def init_fn(params: PyTree) -> optax.ScaleByAdamState:
-        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, jnp.promote_types(p.dtype, jnp.float32)), params)
         return optax.ScaleByAdamState(count=jnp.zeros((), jnp.int32), mu=zeros, nu=zeros)
 
     def update_fn(updates, state, params=None):
@@ -181,13 +181,19 @@ def scale_by_adam_torch(
         mu = jax.tree.map(lambda m, g: b1 * m + (1.0 - b1) * g, state.mu, updates)
         nu = jax.tree.map(lambda v, g: b2 * v + (1.0 - b2) * jnp.square(g), state.nu, updates)
         count = optax.safe_increment(state.count)
-        t = count.astype(jnp.float32)
-        bc1 = -jnp.expm1(t * jnp.float32(log_b1))
-        bc2_sqrt = jnp.sqrt(-jnp.expm1(t * jnp.float32(log_b2)))
-        direction = jax.tree.map(
-            lambda m, v: (m / bc1) / (jnp.sqrt(v) / bc2_sqrt + eps), mu, nu
-        )
-        return direction, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+        corrections: dict = {}  # per moment dtype: (1 - b1**t, sqrt(1 - b2**t))
+
+        def direction(m: jax.Array, v: jax.Array) -> jax.Array:
+            if m.dtype not in corrections:
+                t = count.astype(m.dtype)
+                corrections[m.dtype] = (
+                    -jnp.expm1(t * jnp.asarray(log_b1, m.dtype)),
+                    jnp.sqrt(-jnp.expm1(t * jnp.asarray(log_b2, m.dtype))),
+                )
+            bc1, bc2_sqrt = corrections[m.dtype]
+            return (m / bc1) / (jnp.sqrt(v) / bc2_sqrt + eps)
+
+        return jax.tree.map(direction, mu, nu), optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -202,11 +208,7 @@ def make_optimizer(
     ones then have no optimizer state at all.
     """
     schedule = make_schedule(cfg, steps_per_epoch, global_batch_size)
-    clip = (
-        [optax.clip_by_global_norm(float(cfg.clip_grad_norm))]
-        if cfg.clip_grad_norm is not None
-        else []
-    )
+    clip = [optax.clip_by_global_norm(float(cfg.clip_grad_norm))] if cfg.clip_grad_norm is not None else []
     if cfg.optimizer == "sgd":
         # torch.optim.SGD: d = g + wd * p; buf = momentum * buf + d (buf_0 = d_0); p -= lr * buf.
         # optax.trace starts from zeros, so its first value is d_0 too.

@@ -13,7 +13,7 @@ import logging
 import math
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 from etils import epath
 
@@ -44,8 +44,9 @@ class MetricWriter:
             log.warning("tensorboardX is not installed: no TensorBoard events (pip install tensorboardX)")
         else:
             # purge_step hides events >= it that an interrupted run wrote past its checkpoint.
-            self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"),
-                                     purge_step=start_step + 1 if start_step else None)
+            self._tb = SummaryWriter(
+                str(epath.Path(workdir) / "tensorboard"), purge_step=start_step + 1 if start_step else None
+            )
 
     def _truncate_after(self, step: int) -> None:
         kept = []
@@ -79,8 +80,15 @@ class MetricWriter:
 class Progress:
     """A tqdm bar (images/s, ETA) on a terminal; plain log lines otherwise."""
 
-    def __init__(self, start_step: int, total_steps: int, global_batch_size: int, *,
-                 enabled: bool = True, tty: Optional[bool] = None):
+    def __init__(
+        self,
+        start_step: int,
+        total_steps: int,
+        global_batch_size: int,
+        *,
+        enabled: bool = True,
+        tty: bool | None = None,
+    ):
         self.total, self.batch = total_steps, global_batch_size
         self.enabled = enabled
         self._t0, self._s0 = time.monotonic(), start_step
@@ -93,8 +101,9 @@ class Progress:
             except ImportError:
                 tqdm = None
             if tqdm is not None:
-                self._bar = tqdm(total=total_steps, initial=start_step, unit="step",
-                                 dynamic_ncols=True, smoothing=0.1)
+                self._bar = tqdm(
+                    total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, smoothing=0.1
+                )
 
     def advance(self, step: int) -> None:
         """``step`` steps are done."""
@@ -115,16 +124,26 @@ class Progress:
             return
         short = {k.split("/")[-1]: v for k, v in values.items()}
         if self._bar is not None:
-            self._bar.set_postfix(loss=f"{short.get('loss', float('nan')):.4f}",
-                                  img_s=f"{short.get('images_per_sec', 0.0):.1f}", refresh=False)
+            self._bar.set_postfix(
+                loss=f"{short.get('loss', float('nan')):.4f}",
+                img_s=f"{short.get('images_per_sec', 0.0):.1f}",
+                refresh=False,
+            )
             return
         elapsed = time.monotonic() - self._t0
         done = step - self._s0
         eta = elapsed / done * (self.total - step) if done else float("nan")
-        log.info("step %d/%d  loss %.4f  cls %.4f  box %.4f  lr %.3g  %.1f img/s  ETA %s",
-                 step, self.total, short.get("loss", math.nan), short.get("classification", math.nan),
-                 short.get("bbox_regression", math.nan), short.get("lr", math.nan),
-                 short.get("images_per_sec", math.nan), _hms(eta))
+        log.info(
+            "step %d/%d  loss %.4f  cls %.4f  box %.4f  lr %.3g  %.1f img/s  ETA %s",
+            step,
+            self.total,
+            short.get("loss", math.nan),
+            short.get("classification", math.nan),
+            short.get("bbox_regression", math.nan),
+            short.get("lr", math.nan),
+            short.get("images_per_sec", math.nan),
+            _hms(eta),
+        )
 
     def message(self, text: str) -> None:
         if not self.enabled:
@@ -150,8 +169,16 @@ def _hms(seconds: float) -> str:
 def format_table(step: int, metrics: dict[str, Any], class_names: list[str]) -> str:
     """Final metrics as a plain-text table (COCO summary, then AP per class)."""
     lines = [f"Final metrics at step {step}", "-" * 40]
-    for key in ("eval/AP", "eval/AP50", "eval/AP75", "eval/APs", "eval/APm", "eval/APl",
-                "train/loss", "train/images_per_sec"):
+    for key in (
+        "eval/AP",
+        "eval/AP50",
+        "eval/AP75",
+        "eval/APs",
+        "eval/APm",
+        "eval/APl",
+        "train/loss",
+        "train/images_per_sec",
+    ):
         if key in metrics:
             lines.append(f"{key:<24}{metrics[key]:>12.4f}")
     per_class = [(n, metrics[f"eval/AP/{n}"]) for n in class_names if f"eval/AP/{n}" in metrics]

@@ -18,9 +18,15 @@ from typing import Any
 STATE_KEYS = (
     "batch_size",  # the stored position counts batches of this size
     "seed",  # data order and augmentation draws
-    "dataset.source", "dataset.train.", "dataset.drop_empty_train",  # which images, in which order
-    "input.min_sizes", "input.max_size", "input.buckets",  # canvases (and the batches they group)
-    "input.max_boxes", "input.box_overflow", "input.hflip_prob",  # what each batch holds
+    "dataset.source",
+    "dataset.train.",
+    "dataset.drop_empty_train",  # which images, in which order
+    "input.min_sizes",
+    "input.max_size",
+    "input.buckets",  # canvases (and the batches they group)
+    "input.max_boxes",
+    "input.box_overflow",
+    "input.hflip_prob",  # what each batch holds
     "model.",  # the arrays in the checkpoint
     "optim.optimizer",  # the optimizer state's structure
 )
@@ -68,5 +74,6 @@ def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any], wh
         detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in refused)
         raise ValueError(
             f"{where}: cannot resume with a config that changes what the stored state means ({detail}). "
-            "Restore those values, or start a new --workdir.")
+            "Restore those values, or start a new --workdir."
+        )
     return changed

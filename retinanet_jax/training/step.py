@@ -13,12 +13,19 @@ batch computes the same reductions as one device would.
 Failure behaviour: a non-finite loss or gradient never reaches the state (the update is
 selected away inside the step) and ``TrainStep`` raises ``NonFiniteError`` naming the step,
 or, with ``skip_nonfinite=True``, counts it in ``state.skipped`` and goes on.
+
+Two ways to step: ``step_fn(state, batch)`` checks every step (one host read of a flag per
+step, the error raised at once); ``step_fn.run(state, carry, batch)`` (what the training loop
+uses) reads nothing: metrics accumulate in a small on-device ``carry``, the first non-finite
+step is recorded there and freezes the state, and ``step_fn.read(carry, state)`` -- at log
+and checkpoint steps -- raises ``NonFiniteError`` naming that step, with the state before it.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Mapping, Optional
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -28,11 +35,12 @@ import optax
 from flax import struct, traverse_util
 from jax.sharding import Mesh
 
-from retinanet_jax.parallel import mesh as parallel
-from retinanet_jax.ops.anchors import anchors_for_model
+from retinanet_jax import backends
+from retinanet_jax.imageprep.normalize import normalize_images
 from retinanet_jax.models.retinanet import frozen_param_mask
 from retinanet_jax.objective.retinanet_loss import retinanet_losses
-from retinanet_jax.imageprep.normalize import normalize_images
+from retinanet_jax.ops.anchors import anchors_for_model
+from retinanet_jax.parallel import mesh as parallel
 
 PyTree = Any
 
@@ -52,9 +60,7 @@ class TrainState(struct.PyTreeNode):
     batch_stats: PyTree
     opt_state: optax.OptState
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
-    schedule: Optional[Callable[[jax.Array], jax.Array]] = struct.field(
-        pytree_node=False, default=None
-    )
+    schedule: Callable[[jax.Array], jax.Array] | None = struct.field(pytree_node=False, default=None)
 
     @property
     def variables(self) -> dict[str, PyTree]:
@@ -98,20 +104,31 @@ def create_train_state(
     tx: optax.GradientTransformation,
     trainable_backbone_layers: int,
     *,
-    mesh: Optional[Mesh] = None,
-    schedule: Optional[Callable[[jax.Array], jax.Array]] = None,
+    mesh: Mesh | None = None,
+    schedule: Callable[[jax.Array], jax.Array] | None = None,
+    param_dtype: Any = None,
 ) -> TrainState:
     """Splits ``variables["params"]`` by ``frozen_param_mask`` and initialises ``tx`` on the
     trainable part. With ``mesh`` the state is placed on it (``parallel.tree_shardings``) as
     fresh buffers, so donating the state never invalidates the caller's ``variables``.
-    ``schedule`` (the one ``tx`` uses) only feeds the ``lr`` metric.
+    ``schedule`` (the one ``tx`` uses) only feeds the ``lr`` metric. ``param_dtype`` (None:
+    as given): the float leaves of params and batch_stats cast to it, e.g. float64 (with
+    ``jax_enable_x64``) for a float64 train step, whose optimizer state then is float64 too.
     """
     params = variables["params"]
-    mask = frozen_param_mask(
-        params, trainable_backbone_layers, frozen_bn=getattr(model, "frozen_bn", True)
-    )
-    trainable, frozen = split_params(params, mask)
     batch_stats = _to_dict(variables.get("batch_stats", {}))
+    if param_dtype is not None:
+
+        def cast(x):
+            return (
+                x.astype(param_dtype)  # noqa: E731
+                if jnp.issubdtype(x.dtype, jnp.floating)
+                else x
+            )
+
+        params, batch_stats = jax.tree.map(cast, (_to_dict(params), batch_stats))
+    mask = frozen_param_mask(params, trainable_backbone_layers, frozen_bn=getattr(model, "frozen_bn", True))
+    trainable, frozen = split_params(params, mask)
     host = TrainState(
         step=np.zeros((), np.int32),
         skipped=np.zeros((), np.int32),
@@ -140,7 +157,7 @@ def train_step(
     batch: Mapping[str, jax.Array],
     *,
     model: nn.Module,
-    loss_cfg: Optional[Mapping[str, Any]] = None,
+    loss_cfg: Mapping[str, Any] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One update (traceable; ``make_train_step`` jits it).
 
@@ -164,8 +181,12 @@ def train_step(
         else:
             out, new_stats = model.apply(variables, images, train=True), state.batch_stats
         losses = retinanet_losses(
-            out["cls_logits"], out["bbox_regression"], anchors,
-            batch["boxes"], batch["labels"], **dict(loss_cfg or {}),
+            out["cls_logits"],
+            out["bbox_regression"],
+            anchors,
+            batch["boxes"],
+            batch["labels"],
+            **dict(loss_cfg or {}),
         )
         total = losses["classification"] + losses["bbox_regression"]
         return total, (losses, new_stats)
@@ -217,6 +238,9 @@ class NonFiniteError(FloatingPointError):
 class TrainStep:
     """Jitted, sharded ``train_step``: ``state, metrics = step_fn(state, batch)``.
 
+    ``compute_dtype=jnp.bfloat16`` for bf16 compute (params and optimizer state stay float32;
+    losses and box math stay float32).
+
     ``batch`` may be host-local numpy (placed with ``parallel.shard_batch``) or global
     arrays already sharded over ``data``. One compilation per canvas shape (per state
     structure); ``trace_count`` counts them for tests and logs.
@@ -226,7 +250,7 @@ class TrainStep:
         self,
         model: nn.Module,
         mesh: Mesh,
-        loss_cfg: Optional[Mapping[str, Any]] = None,
+        loss_cfg: Mapping[str, Any] | None = None,
         *,
         compute_dtype: Any = None,
         skip_nonfinite: bool = False,
@@ -240,17 +264,21 @@ class TrainStep:
         self.trace_count = 0
         self._jitted: dict[Any, Any] = {}
 
-    def _traced(self, state: TrainState, batch: Mapping[str, jax.Array]):
+    def _traced(self, state: TrainState, batch: Mapping[str, jax.Array], target: str | None = None):
         self.trace_count += 1  # Python side effect: runs once per trace, i.e. per compile
-        return train_step(state, batch, model=self.model, loss_cfg=self.loss_cfg)
+        with backends.target(target):
+            return train_step(state, batch, model=self.model, loss_cfg=self.loss_cfg)
 
     def jitted(self, state: TrainState) -> Any:
-        """The ``jax.jit`` function for this state structure (built on first use)."""
-        key = jax.tree.structure(state)
+        """The ``jax.jit`` function for this state structure and target platform (built on first
+        use). The target is ``backends.current()`` when this is called: the default backend, or
+        an enclosing ``with backends.target("cuda"):`` (to lower the accelerator program here)."""
+        target = backends.current()
+        key = (jax.tree.structure(state), target)
         if key not in self._jitted:
             state_sh = parallel.tree_shardings(state, self.mesh)
             self._jitted[key] = jax.jit(
-                self._traced,
+                functools.partial(self._traced, target=target),
                 in_shardings=(state_sh, parallel.batch_sharding(self.mesh)),
                 out_shardings=(state_sh, parallel.replicated(self.mesh)),
                 donate_argnums=(0,) if self.donate else (),
@@ -278,26 +306,126 @@ class TrainStep:
             raise NonFiniteError(
                 f"non-finite loss at step {n} (loss={float(metrics['loss'])}, "
                 f"grad_norm={float(metrics['grad_norm'])}); the update was not applied",
-                n, new_state,
+                n,
+                new_state,
             )
         return new_state, metrics
 
+    # -------------------------------------------------------------- asynchronous stepping
 
-def make_train_step(
-    model: nn.Module,
-    mesh: Mesh,
-    loss_cfg: Optional[Mapping[str, Any]] = None,
-    *,
-    compute_dtype: Any = None,
-    skip_nonfinite: bool = False,
-    donate: bool = True,
-) -> TrainStep:
-    """Factory for the jitted sharded step; ``compute_dtype=jnp.bfloat16`` for bf16 compute
-    (params and optimizer state stay float32; losses and box math stay float32)."""
-    return TrainStep(
-        model, mesh, loss_cfg,
-        compute_dtype=compute_dtype, skip_nonfinite=skip_nonfinite, donate=donate,
-    )
+    def jitted_run(self, state: TrainState) -> Any:
+        """The ``jax.jit`` function behind ``run`` for this state structure and target."""
+        target = backends.current()
+        halt = not self.skip_nonfinite
+        key = ("run", jax.tree.structure(state), target, halt)
+        if key not in self._jitted:
+            state_sh = parallel.tree_shardings(state, self.mesh)
+            self._jitted[key] = jax.jit(
+                functools.partial(self._traced_run, target=target, halt=halt),
+                in_shardings=(state_sh, parallel.replicated(self.mesh), parallel.batch_sharding(self.mesh)),
+                out_shardings=(state_sh, parallel.replicated(self.mesh)),
+                donate_argnums=(0,) if self.donate else (),
+            )
+        return self._jitted[key]
 
-# The training program around this core (data, evaluation, checkpoints, logging) is
-# retinanet_jax.training.loop.train_and_evaluate.
+    def _traced_run(
+        self,
+        state: TrainState,
+        carry: dict,
+        batch: Mapping[str, jax.Array],
+        target: str | None = None,
+        halt: bool = True,
+    ):
+        new_state, metrics = self._traced(state, batch, target)
+        return accumulate(carry, state, new_state, metrics, halt=halt)
+
+    def new_carry(self) -> dict[str, jax.Array]:
+        """A fresh ``run`` accumulator on the mesh (replicated). ``run`` never donates it, so
+        one fresh carry can restart the sums after every ``read``."""
+        return jax.device_put(new_carry(), parallel.replicated(self.mesh))
+
+    def run(
+        self, state: TrainState, carry: dict, batch: Mapping[str, Any]
+    ) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One step with no host read: ``state, carry = step_fn.run(state, carry, batch)``.
+
+        Returns once the step is dispatched. The step's metrics are added to ``carry`` on the
+        device; a non-finite step is recorded there and, unless ``skip_nonfinite``, freezes the
+        state (``accumulate``) until ``read`` raises it.
+        """
+        batch = self.place_batch(batch)
+        return self.jitted_run(state)(state, carry, batch)
+
+    def read(self, carry: dict, state: TrainState) -> dict[str, float]:
+        """One host read of ``carry`` (it waits for the steps before it).
+
+        Returns the mean of each of ``SUMMED_METRICS`` over the steps ``carry`` has seen, the
+        latest ``lr`` and ``steps`` (their number). Raises ``NonFiniteError`` naming the first
+        non-finite step, unless ``skip_nonfinite``; its ``state`` is ``state`` (from ``run``),
+        which is then the state before that step.
+        """
+        host = jax.device_get(carry)
+        bad = int(host["first_nonfinite"])
+        if bad >= 0 and not self.skip_nonfinite:
+            raise NonFiniteError(
+                f"non-finite loss at step {bad} (loss={float(host['nonfinite_loss'])}, "
+                f"grad_norm={float(host['nonfinite_grad_norm'])}); neither its update nor a "
+                f"later one was applied",
+                bad,
+                state,
+            )
+        count = int(host["count"])
+        out = {k: float(v) / max(count, 1) for k, v in host["sums"].items()}
+        return {**out, "lr": float(host["lr"]), "steps": count}
+
+
+SUMMED_METRICS = ("loss", "classification", "bbox_regression", "grad_norm")
+
+
+def new_carry() -> dict[str, np.ndarray]:
+    """The accumulator ``TrainStep.run`` threads through the steps between two host reads
+    (host numpy; ``TrainStep.new_carry`` places it): metric sums and step count, the latest
+    ``lr``, and the first non-finite step (-1: none) with its loss and gradient norm. Floats
+    are float64 under ``jax_enable_x64``, else float32."""
+    zero = np.zeros((), jax.dtypes.canonicalize_dtype(np.float64))
+    return {
+        "count": np.zeros((), np.int32),
+        "sums": {k: zero.copy() for k in SUMMED_METRICS},
+        "lr": zero.copy(),
+        "first_nonfinite": np.full((), -1, np.int32),
+        "nonfinite_loss": zero.copy(),
+        "nonfinite_grad_norm": zero.copy(),
+    }
+
+
+def accumulate(
+    carry: dict, old_state: TrainState, new_state: TrainState, metrics: Mapping[str, jax.Array], *, halt: bool
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """(state, carry) after one ``train_step`` from ``old_state`` to ``new_state`` (traceable).
+
+    With ``halt``, the first non-finite step and every step after it keep ``old_state``
+    whole (step counters included): the state stays the one before the first bad step, which
+    the host learns of only when it reads the carry, and a checkpoint of it is a good one.
+    """
+    first = carry["first_nonfinite"]
+    bad_now = (first < 0) & ~metrics["is_finite"]
+    if halt:
+        keep = (first < 0) & metrics["is_finite"]
+        new_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_state, old_state)
+
+    def cast(x: jax.Array) -> jax.Array:
+        return jnp.asarray(x, carry["lr"].dtype)
+
+    carry = {
+        "count": carry["count"] + 1,
+        "sums": {k: carry["sums"][k] + cast(metrics[k]) for k in SUMMED_METRICS},
+        "lr": cast(metrics["lr"]),
+        "first_nonfinite": jnp.where(bad_now, old_state.step + 1, first).astype(jnp.int32),
+        "nonfinite_loss": jnp.where(bad_now, cast(metrics["loss"]), carry["nonfinite_loss"]),
+        "nonfinite_grad_norm": jnp.where(bad_now, cast(metrics["grad_norm"]), carry["nonfinite_grad_norm"]),
+    }
+    return new_state, carry
+
+
+# The factory name the rest of the package and the docs use; the class is the implementation.
+make_train_step = TrainStep

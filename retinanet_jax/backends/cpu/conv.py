@@ -21,12 +21,14 @@ Why: XLA:CPU (jax 0.10) is slow on some convolution forms that torch's oneDNN ru
 
 GEMMs contracting over batch*space are written as ``transpose(A) @ B`` with the transpose
 materialised: XLA:CPU sends that form to its fast matmul library (YNNPACK) but the folded
-"contract dim 0" form to a slower generic one. On GPU / TPU everything is lax's own
-(``lax.platform_dependent``), so this module costs nothing there. On CPU the forward of a
-float32 kxk conv outside the Winograd rule is lax's (bit-identical); GEMM and Winograd forms
-equal it to float rounding.
+"contract dim 0" form to a slower generic one. The forward of a float32 kxk conv outside the
+Winograd rule is lax's (bit-identical); GEMM and Winograd forms equal it to float rounding.
 
-Use with Flax: ``nn.Conv(..., conv_general_dilated=retinanet_jax.backends.cpu.conv.conv_general_dilated)``.
+CPU only: this module is chosen for the CPU target by ``retinanet_jax.backends.select`` (the
+one selection point; GPU / TPU programs never trace it). Called directly it emits the CPU forms
+whatever the platform. Use with Flax via the selection point,
+``nn.Conv(..., conv_general_dilated=retinanet_jax.backends.conv_general_dilated)``, or directly
+``nn.Conv(..., conv_general_dilated=retinanet_jax.backends.cpu.conv.conv_general_dilated)``.
 Anything but an NHWC/HWIO, undilated, ungrouped conv with explicit padding falls back to
 ``lax.conv_general_dilated`` unchanged; ``with conv.implementation("lax"):`` does so for every
 conv traced inside (for benchmarks and A/B tests).
@@ -37,7 +39,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
-from typing import Any, Iterator, Optional, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +50,7 @@ from retinanet_jax.backends.cpu import winograd
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _MODE = contextvars.ContextVar("retinanet_jax_conv_mode", default="auto")
+_FAST = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the dtypes the CPU forms are for
 MODES = ("auto", "lax")
 
 
@@ -75,7 +79,12 @@ def _is_nhwc(dimension_numbers: Any, lhs_ndim: int) -> bool:
 
 def _lax_conv(x, w, strides, padding, precision, preferred):
     return lax.conv_general_dilated(
-        x, w, strides, padding, dimension_numbers=_NHWC, precision=precision,
+        x,
+        w,
+        strides,
+        padding,
+        dimension_numbers=_NHWC,
+        precision=precision,
         preferred_element_type=preferred,
     )
 
@@ -147,11 +156,23 @@ def _row_windows(x, kernel_hw, strides, padding, out_hw):
     (pt, pb), (pl, pr) = padding
     xp = jnp.pad(_bits(x), ((0, 0), (pt, pb), (pl, pr), (0, 0)))
     n, hp, _, cin = xp.shape
-    cols = jnp.concatenate([
-        lax.slice(xp, (0, 0, j, 0), (n, hp, j + (ow - 1) * sx + 1, cin), (1, 1, sx, 1))
-        for j in range(kw)], axis=-1) if kw > 1 else xp[:, :, : (ow - 1) * sx + 1 : sx]
-    return [lax.slice(cols, (0, i, 0, 0), (n, i + (oh - 1) * sy + 1, ow, kw * cin),
-                      (1, sy, 1, 1)).reshape(-1, kw * cin) for i in range(kh)]
+    cols = (
+        jnp.concatenate(
+            [
+                lax.slice(xp, (0, 0, j, 0), (n, hp, j + (ow - 1) * sx + 1, cin), (1, 1, sx, 1))
+                for j in range(kw)
+            ],
+            axis=-1,
+        )
+        if kw > 1
+        else xp[:, :, : (ow - 1) * sx + 1 : sx]
+    )
+    return [
+        lax.slice(cols, (0, i, 0, 0), (n, i + (oh - 1) * sy + 1, ow, kw * cin), (1, sy, 1, 1)).reshape(
+            -1, kw * cin
+        )
+        for i in range(kh)
+    ]
 
 
 def _kernel_grad_gemm(x, g, kernel_hw, strides, padding, precision):
@@ -181,10 +202,15 @@ def _use_winograd(dtype, x, w, strides, padding) -> bool:
     GEMM forms below in bfloat16).
     """
     min_pixels = WINOGRAD_MIN_PIXELS.get(jnp.dtype(dtype))
-    out_pixels = ((x.shape[1] + sum(padding[0]) - 2) * (x.shape[2] + sum(padding[1]) - 2))
-    return (min_pixels is not None and w.shape[:2] == (3, 3) and strides == (1, 1)
-            and all(lo <= 1 and hi <= 1 for lo, hi in padding)
-            and min(w.shape[2], w.shape[3]) >= WINOGRAD_MIN_CHANNELS and out_pixels >= min_pixels)
+    out_pixels = (x.shape[1] + sum(padding[0]) - 2) * (x.shape[2] + sum(padding[1]) - 2)
+    return (
+        min_pixels is not None
+        and w.shape[:2] == (3, 3)
+        and strides == (1, 1)
+        and all(lo <= 1 and hi <= 1 for lo, hi in padding)
+        and min(w.shape[2], w.shape[3]) >= WINOGRAD_MIN_CHANNELS
+        and out_pixels >= min_pixels
+    )
 
 
 def _gemm_conv(x_dtype, w_shape) -> bool:
@@ -207,8 +233,7 @@ def _conv_rows(x, w, strides, padding, precision):
     oh = (x.shape[1] + pt + pb - kh) // strides[0] + 1
     ow = (x.shape[2] + pl + pr - kw) // strides[1] + 1
     rows = _row_windows(x, (kh, kw), strides, padding, (oh, ow))
-    y = sum(_dot(_unbits(r, x.dtype), w[i].reshape(kw * cin, cout), precision)
-            for i, r in enumerate(rows))
+    y = sum(_dot(_unbits(r, x.dtype), w[i].reshape(kw * cin, cout), precision) for i, r in enumerate(rows))
     return y.reshape(x.shape[0], oh, ow, cout)
 
 
@@ -238,8 +263,7 @@ def _input_grad_phases(w, g, x_hw, strides, padding, precision):
     def taps(k, s, lo, p):
         return [(t, (p + lo - t) // s) for t in range(k) if (p + lo - t) % s == 0]
 
-    phase_taps = [[taps(k, s, lo, p) for p in range(s)]
-                  for k, s, (lo, _) in zip((kh, kw), strides, padding)]
+    phase_taps = [[taps(k, s, lo, p) for p in range(s)] for k, s, (lo, _) in zip((kh, kw), strides, padding)]
     shifts = [[d for ph in axis for _, d in ph] or [0] for axis in phase_taps]
     before = [max(0, -min(d)) for d in shifts]  # zero rows/cols where m + d falls outside g
     after = [max(0, m + max(d) - size) for m, d, size in zip((mh, mw), shifts, g.shape[1:3])]
@@ -251,9 +275,15 @@ def _input_grad_phases(w, g, x_hw, strides, padding, precision):
             if not ty or not tx:
                 row.append(jnp.zeros((n * mh * mw, cin), jnp.float32))
                 continue
-            wins = [lax.slice(gp, (0, before[0] + dy, before[1] + dx, 0),
-                              (n, before[0] + dy + mh, before[1] + dx + mw, cout))
-                    for _, dy in ty for _, dx in tx]
+            wins = [
+                lax.slice(
+                    gp,
+                    (0, before[0] + dy, before[1] + dx, 0),
+                    (n, before[0] + dy + mh, before[1] + dx + mw, cout),
+                )
+                for _, dy in ty
+                for _, dx in tx
+            ]
             cols = _unbits(jnp.concatenate(wins, axis=-1), g.dtype).reshape(-1, len(wins) * cout)
             w_p = jnp.concatenate([w[i, j].T for i, _ in ty for j, _ in tx], axis=0)
             row.append(_dot(cols, w_p, precision))
@@ -288,10 +318,14 @@ def _grads_cpu(x, w, g, strides, padding, precision, preferred):
         xs = _strided(x, strides)
         dxs = _dot(g, w[0, 0].T, precision).astype(x.dtype)
         # Stride s: the conv read every s-th pixel; the others get zero gradient.
-        pads = [(0, 0, 0)] + [
-            (0, size - ((out - 1) * s + 1), s - 1)
-            for size, out, s in zip(x.shape[1:3], g.shape[1:3], strides)
-        ] + [(0, 0, 0)]
+        pads = (
+            [(0, 0, 0)]
+            + [
+                (0, size - ((out - 1) * s + 1), s - 1)
+                for size, out, s in zip(x.shape[1:3], g.shape[1:3], strides)
+            ]
+            + [(0, 0, 0)]
+        )
         dx = _unbits(lax.pad(_bits(dxs), jnp.zeros((), _bits(dxs).dtype), pads), x.dtype)
         c, o = x.shape[-1], g.shape[-1]
         x2, g2 = xs.reshape(-1, c), g.reshape(-1, o)
@@ -321,8 +355,9 @@ def _grads_cpu(x, w, g, strides, padding, precision, preferred):
     return dx, dw.astype(w.dtype)
 
 
-def _plain(dimension_numbers, lhs_ndim, padding, lhs_dilation, rhs_dilation, feature_group_count,
-           batch_group_count) -> bool:
+def _plain(
+    dimension_numbers, lhs_ndim, padding, lhs_dilation, rhs_dilation, feature_group_count, batch_group_count
+) -> bool:
     """An NHWC/HWIO, undilated, ungrouped conv with explicit padding (the forms handled here)."""
     return (
         _is_nhwc(dimension_numbers, lhs_ndim)
@@ -336,12 +371,7 @@ def _plain(dimension_numbers, lhs_ndim, padding, lhs_dilation, rhs_dilation, fea
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
 def _conv(x, w, strides, padding, precision, preferred):
-    return lax.platform_dependent(
-        x, w, cpu=functools.partial(_conv_cpu, strides=strides, padding=padding,
-                                    precision=precision, preferred=preferred),
-        default=functools.partial(_lax_conv, strides=strides, padding=padding,
-                                  precision=precision, preferred=preferred),
-    )
+    return _conv_cpu(x, w, strides, padding, precision, preferred)
 
 
 def _conv_fwd(x, w, strides, padding, precision, preferred):
@@ -350,10 +380,7 @@ def _conv_fwd(x, w, strides, padding, precision, preferred):
 
 def _conv_bwd(strides, padding, precision, preferred, res, g):
     x, w = res
-    kw = dict(strides=strides, padding=padding, precision=precision, preferred=preferred)
-    return lax.platform_dependent(
-        x, w, g, cpu=functools.partial(_grads_cpu, **kw), default=functools.partial(_grads_lax, **kw)
-    )
+    return _grads_cpu(x, w, g, strides, padding, precision, preferred)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -364,8 +391,8 @@ def conv_general_dilated(
     rhs: jax.Array,
     window_strides: Sequence[int],
     padding: Any,
-    lhs_dilation: Optional[Sequence[int]] = None,
-    rhs_dilation: Optional[Sequence[int]] = None,
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
     dimension_numbers: Any = None,
     feature_group_count: int = 1,
     batch_group_count: int = 1,
@@ -381,28 +408,47 @@ def conv_general_dilated(
     (so an f32 input or kernel is rounded once, not before and again after its transform: per
     bf16 Winograd conv 1.49x the rms error of a direct bf16 conv instead of 1.73x, measured on
     ReLU'd normal inputs); every other form rounds the operands."""
-    plain = _plain(dimension_numbers, lhs.ndim, padding, lhs_dilation, rhs_dilation,
-                   feature_group_count, batch_group_count)
+    plain = _plain(
+        dimension_numbers,
+        lhs.ndim,
+        padding,
+        lhs_dilation,
+        rhs_dilation,
+        feature_group_count,
+        batch_group_count,
+    )
     cd = jnp.dtype(compute_dtype) if compute_dtype is not None else None
+    # The forms here are speed paths for float32 / bfloat16; any other dtype (float64: the
+    # multi-device equality tests) gets lax's convolution.
+    plain = plain and jnp.dtype(cd if cd is not None else jnp.result_type(lhs, rhs)) in _FAST
     if plain and _MODE.get() == "auto":
         strides = tuple(int(s) for s in window_strides)
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
         if _use_winograd(cd if cd is not None else jnp.result_type(lhs, rhs), lhs, rhs, strides, pads):
             # Its gradients are Winograd-form GEMMs too (see winograd.py), so no _conv custom_vjp.
-            cast = (lambda a: a.astype(cd)) if cd is not None else (lambda a: a)
-            return lax.platform_dependent(
-                lhs, rhs,
-                cpu=functools.partial(winograd.conv3x3, padding=pads, precision=precision,
-                                      preferred_element_type=preferred_element_type, compute_dtype=cd),
-                default=lambda x, w: _lax_conv(cast(x), cast(w), strides, pads, precision,
-                                               preferred_element_type),
+            return winograd.conv3x3(
+                lhs,
+                rhs,
+                padding=pads,
+                precision=precision,
+                preferred_element_type=preferred_element_type,
+                compute_dtype=cd,
             )
     if cd is not None:
         lhs, rhs = lhs.astype(cd), rhs.astype(cd)
     if not plain or _MODE.get() == "lax":
         return lax.conv_general_dilated(
-            lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-            feature_group_count, batch_group_count, precision, preferred_element_type,
+            lhs,
+            rhs,
+            window_strides,
+            padding,
+            lhs_dilation,
+            rhs_dilation,
+            dimension_numbers,
+            feature_group_count,
+            batch_group_count,
+            precision,
+            preferred_element_type,
         )
     strides = tuple(int(s) for s in window_strides)
     pads = tuple((int(lo), int(hi)) for lo, hi in padding)
@@ -428,7 +474,9 @@ def float32_output_args(dtype: Any) -> dict[str, Any]:
     """
     if jnp.dtype(dtype or jnp.float32) == jnp.float32:
         return dict(conv_general_dilated=conv_general_dilated)
-    return dict(conv_general_dilated=functools.partial(conv_general_dilated, compute_dtype=dtype,
-                                                       preferred_element_type=jnp.float32),
-                promote_dtype=_promote_none)
-
+    return dict(
+        conv_general_dilated=functools.partial(
+            conv_general_dilated, compute_dtype=dtype, preferred_element_type=jnp.float32
+        ),
+        promote_dtype=_promote_none,
+    )

@@ -18,14 +18,14 @@ from __future__ import annotations
 import os
 import platform
 import sys
-from typing import Mapping, Optional
+from collections.abc import Mapping
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 OPT_OUT = "RETINANET_JAX_HUGEPAGES"
 _THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
-def _glibc_version() -> Optional[tuple[int, int]]:
+def _glibc_version() -> tuple[int, int] | None:
     name, version = platform.libc_ver()
     if name != "glibc" or not version:
         return None
@@ -44,13 +44,19 @@ def _thp_available(path: str = _THP_MODE) -> bool:
         return False
 
 
-def hugepage_env(environ: Mapping[str, str], glibc: Optional[tuple[int, int]],
-                 thp_available: bool) -> Optional[dict[str, str]]:
+def hugepage_env(
+    environ: Mapping[str, str], glibc: tuple[int, int] | None, thp_available: bool
+) -> dict[str, str] | None:
     """The environment to re-execute with, or None when there is nothing to do: tunable
     already set (also after our own re-exec), opted out, not glibc >= 2.35, or THP off."""
     tunables = environ.get("GLIBC_TUNABLES", "")
-    if ("glibc.malloc.hugetlb" in tunables or environ.get(OPT_OUT, "1") == "0"
-            or glibc is None or glibc < (2, 35) or not thp_available):
+    if (
+        "glibc.malloc.hugetlb" in tunables
+        or environ.get(OPT_OUT, "1") == "0"
+        or glibc is None
+        or glibc < (2, 35)
+        or not thp_available
+    ):
         return None
     env = dict(environ)
     env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}" if tunables else TUNABLE

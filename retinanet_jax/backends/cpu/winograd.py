@@ -20,7 +20,8 @@ convolution by rounding only (max error ~1e-5 of the output scale, tests/test_wi
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,8 +50,7 @@ def _output_1d(m0: Array, m1: Array, m2: Array, m3: Array) -> tuple[Array, Array
 def kernel_transform(w: Array) -> Array:
     """``U = G w G^T`` for each (Cin, Cout) pair. w: [3, 3, Cin, Cout] HWIO -> [16, Cin, Cout] f32."""
     g = jnp.asarray(_G)
-    u = jnp.einsum("ai,ijck,bj->abck", g, w.astype(jnp.float32), g,
-                   precision=jax.lax.Precision.HIGHEST)
+    u = jnp.einsum("ai,ijck,bj->abck", g, w.astype(jnp.float32), g, precision=jax.lax.Precision.HIGHEST)
     return u.reshape(16, *w.shape[2:])
 
 
@@ -68,8 +68,8 @@ def input_transform(x: Array, padding: Sequence[tuple[int, int]]) -> tuple[list[
     # Tiles cover 2*th+2 rows: zero rows beyond the conv's own padding only feed the extra
     # output row/column of an odd-sized output, which is cropped.
     xp = jnp.pad(x, ((0, 0), (pt, 2 * th + 2 - h - pt), (pl, 2 * tw + 2 - w - pl), (0, 0)))
-    rows = _input_1d(*[xp[:, i: i + 2 * th: 2] for i in range(4)])
-    v = [t for r in rows for t in _input_1d(*[r[:, :, j: j + 2 * tw: 2] for j in range(4)])]
+    rows = _input_1d(*[xp[:, i : i + 2 * th : 2] for i in range(4)])
+    v = [t for r in rows for t in _input_1d(*[r[:, :, j : j + 2 * tw : 2] for j in range(4)])]
     return [t.reshape(n * th * tw, c) for t in v], (n, th, tw, oh, ow)
 
 
@@ -143,17 +143,21 @@ def _gemms_bwd(res, g):
     v, u = res
     dm = jnp.stack(g).astype(u.dtype)
     dv = jnp.einsum("tmk,tck->tmc", dm, u, preferred_element_type=jnp.float32)
-    du = jnp.einsum("tcm,tmk->tck", swap_last_axes(jnp.stack(v)), dm,
-                    preferred_element_type=jnp.float32)
+    du = jnp.einsum("tcm,tmk->tck", swap_last_axes(jnp.stack(v)), dm, preferred_element_type=jnp.float32)
     return tuple(dv[t].astype(v_t.dtype) for t, v_t in enumerate(v)), du.astype(u.dtype)
 
 
 _gemms.defvjp(_gemms_fwd, _gemms_bwd)
 
 
-def conv3x3(x: Array, w: Array, padding: Sequence[tuple[int, int]] = ((1, 1), (1, 1)),
-            precision: Any = None, preferred_element_type: Any = None,
-            compute_dtype: Any = None) -> Array:
+def conv3x3(
+    x: Array,
+    w: Array,
+    padding: Sequence[tuple[int, int]] = ((1, 1), (1, 1)),
+    precision: Any = None,
+    preferred_element_type: Any = None,
+    compute_dtype: Any = None,
+) -> Array:
     """Stride-1, undilated 3x3 convolution by Winograd F(2x2, 3x3).
 
     x: [B, H, W, Cin] NHWC, w: [3, 3, Cin, Cout] HWIO, padding ((top, bottom), (left, right)).
@@ -169,7 +173,8 @@ def conv3x3(x: Array, w: Array, padding: Sequence[tuple[int, int]] = ((1, 1), (1
         raise ValueError(f"conv3x3 needs a 3x3 kernel, got {w.shape}")
     cd = compute_dtype if compute_dtype is not None else jnp.result_type(x, w)
     out_dtype = preferred_element_type or cd
-    v, dims = input_transform(x.astype(jnp.float32), padding)
-    u = kernel_transform(w).astype(cd)
-    m = _gemms(tuple(v_t.astype(cd) for v_t in v), u)
-    return output_transform(m, dims).astype(out_dtype)
+    with jax.named_scope("winograd"):  # marks the form in lowered modules (op locations)
+        v, dims = input_transform(x.astype(jnp.float32), padding)
+        u = kernel_transform(w).astype(cd)
+        m = _gemms(tuple(v_t.astype(cd) for v_t in v), u)
+        return output_transform(m, dims).astype(out_dtype)
