@@ -397,7 +397,10 @@ def evaluate(
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+        # Without jax_enable_x64 a float64 array would travel as float32: send its bits as
+        # uint32 pairs, so every process returns process 0's values exactly.
+        bits = multihost_utils.broadcast_one_to_all(values.view(np.uint32))
+        values = np.asarray(bits).astype(np.uint32).view(np.float64)
         names = list(COCO_METRICS) + ["AR1", "AR10", "AR100"]
         metrics = {k: float(v) for k, v in zip(names, values)}
         # coco_ground_truth numbers categories in label order, so values line up with labels.
