@@ -33,3 +33,35 @@ def xla_compilation_cache(tmp_path_factory):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: slow test (CI still runs it)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drops jax's compiled-program caches after each test module: a module's programs are
+    not reused by the next, and keeping them all grows one pytest process by gigabytes."""
+    yield
+    import gc
+    import sys
+
+    if "jax" in sys.modules:
+        sys.modules["jax"].clear_caches()
+    gc.collect()
+
+
+_RSS_LOG = os.environ.get("RJ_TEST_RSS_LOG")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """With RJ_TEST_RSS_LOG=FILE: one line per test, its duration and the process's peak RSS."""
+    if not _RSS_LOG:
+        yield
+        return
+    import resource
+    import time
+
+    t0 = time.time()
+    yield
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open(_RSS_LOG, "a") as f:
+        f.write(f"{time.time() - t0:8.1f}s {peak_mb:8.0f}MB {os.getpid()} {item.nodeid}\n")

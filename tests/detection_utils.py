@@ -1,4 +1,5 @@
-"""Helpers shared by tests (not a test module): detection matching and lively random variables."""
+"""Helpers shared by tests (not a test module): detection matching, lively random variables and a
+source that has only image sizes."""
 
 import math
 
@@ -59,3 +60,27 @@ def lively_variables(model, cls_bias=(1.0, 0.0, -30.0), size: int = 64, seed: in
         return np.ones(s.shape, s.dtype) if name in ("scale", "var") else np.zeros(s.shape, s.dtype)
 
     return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+class SizedSource:
+    """Sizes only, plus constant images for the pipeline (pixel value = index)."""
+
+    class_names = ["a"]
+
+    def __init__(self, sizes):
+        self.sizes = sizes
+
+    def __len__(self):
+        return len(self.sizes)
+
+    def image_size(self, i):
+        return self.sizes[i]
+
+    def __getitem__(self, i):
+        h, w = self.sizes[i]
+        return {
+            "image": np.full((h, w, 3), i % 256, np.uint8),
+            "boxes": np.array([[1, 1, 10, 10]], np.float32),
+            "labels": np.array([0], np.int32),
+            "image_id": i,
+        }

@@ -19,9 +19,11 @@ PACKAGE = pathlib.Path(retinanet_jax.__file__).parent
 
 # Which top-level folders each folder may import (itself included). Layers, top to bottom:
 # cli -> training -> evaluation -> inference / interop -> objective / models / data / parallel
-# -> ops / imageprep / backends. imageprep is at the bottom because data/ (training
-# transforms) and inference/ both prepare images with it.
+# -> ops / imageprep / backends / storage. imageprep is at the bottom because data/ (training
+# transforms) and inference/ both prepare images with it; storage (whole-object writes for
+# local disk and object stores) because evaluation/, training/ and cli/ all write outputs.
 ALLOWED = {
+    "storage": {"storage"},
     "ops": {"ops"},
     "imageprep": {"imageprep"},
     "backends": {"backends"},
@@ -31,7 +33,7 @@ ALLOWED = {
     "data": {"data", "imageprep", "ops"},
     "inference": {"inference", "imageprep", "ops", "models", "parallel", "backends"},
     "interop": {"interop", "models", "ops", "data", "imageprep"},
-    "evaluation": {"evaluation", "inference", "imageprep", "ops", "models", "data", "parallel"},
+    "evaluation": {"evaluation", "inference", "imageprep", "ops", "models", "data", "parallel", "storage"},
     "training": {
         "training",
         "evaluation",
@@ -44,6 +46,7 @@ ALLOWED = {
         "data",
         "parallel",
         "backends",
+        "storage",
     },
     "cli": None,  # the top: may import anything
 }

@@ -1,5 +1,6 @@
 """Example sources on small real files: COCO JSON, VOC XML, CSV, image decoding, tfds (faked)."""
 
+import io
 import json
 import os
 import sys
@@ -324,7 +325,7 @@ class _FakeBuilder:
             }
         )
 
-    def as_data_source(self, split):
+    def as_data_source(self, split, decoders=None):  # decoded arrays, whatever the decoders
         return [
             {
                 "image": np.full((20, 40, 1), 9, np.uint8),
@@ -345,12 +346,14 @@ class _FakeBuilder:
         ]
 
 
-def test_tfds_source_with_fake_tfds(monkeypatch):
-    monkeypatch.setitem(sys.modules, "tensorflow_datasets", types.SimpleNamespace(builder=_FakeBuilder))
+def test_tfds_source_with_fake_tfds(monkeypatch, tmp_path):
+    fake = types.SimpleNamespace(builder=_FakeBuilder, decode=types.SimpleNamespace(SkipDecoding=object))
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", fake)
     from retinanet_jax.data.tfds_source import TfdsSource
 
-    src = TfdsSource("voc/2007", "train")
-    assert src.class_names == ["cat", "dog"] and len(src) == 2 and src.image_size(0) is None
+    src = TfdsSource("voc/2007", "train", size_cache_dir=str(tmp_path))
+    assert src.class_names == ["cat", "dog"] and len(src) == 2
+    assert src.image_size(0) == (20, 40) and src.image_size(1) == (10, 10)
     ex = src[0]
     assert ex["image"].shape == (20, 40, 3) and ex["image_id"] == 0
     # normalized [ymin, xmin, ymax, xmax] -> xyxy pixels; the difficult object is excluded.
@@ -423,6 +426,161 @@ def test_tfds_coco_and_voc_with_mock_data():
         assert ex["labels"].tolist() == [14] and ex["difficult"].tolist() == [False]
         kept = TfdsSource("voc/2007", "test", keep_difficult=True)[0]
         assert kept["difficult"].tolist() == [False, True]
+
+
+def _jpeg(hw, seed):
+    """A JPEG file's bytes of size (h, w), as a prepared tfds dataset stores images."""
+    buffer = io.BytesIO()
+    Image.fromarray(_rgb(*hw, seed=seed)).save(buffer, format="JPEG", quality=80)
+    return buffer.getvalue()
+
+
+class _PreparedSplit:
+    """What ``builder.as_data_source`` serves for a prepared split: decoded images, or with
+    ``decoders={"image": tfds.decode.SkipDecoding()}`` the encoded bytes; counts reads."""
+
+    def __init__(self, encoded, skip):
+        self.encoded, self.skip, self.reads = encoded, skip, 0
+
+    def __len__(self):
+        return len(self.encoded)
+
+    def __getitem__(self, i):
+        self.reads += 1
+        ex = self.encoded[i]
+        image = ex["image"] if self.skip else np.asarray(Image.open(io.BytesIO(ex["image"])))
+        return {**ex, "image": image}
+
+
+def _coco_jpegs(sizes):
+    return [
+        {
+            "image": _jpeg(hw, i),
+            "image/id": 100 + i,
+            "objects": {
+                "bbox": np.array([[0.1, 0.2, 0.6, 0.7]], np.float32),
+                "label": np.array([i % 80]),
+                "is_crowd": np.array([False]),
+            },
+        }
+        for i, hw in enumerate(sizes)
+    ]
+
+
+def _serve(encoded, opened):
+    """as_data_source_fn for tfds.testing.mock_data; ``opened`` collects the splits served."""
+    import tensorflow_datasets as tfds
+
+    def as_data_source(builder, split, decoders=None, **kw):
+        skip = isinstance((decoders or {}).get("image"), tfds.decode.SkipDecoding)
+        opened.append(_PreparedSplit(encoded, skip))
+        return opened[-1]
+
+    return as_data_source
+
+
+def test_tfds_reports_image_sizes_from_headers_once_then_from_its_cache(tmp_path):
+    """image_size: the decoded images' sizes, read from the JPEG headers of the undecoded split
+    once; a second source reads the cache (no header), a changed record count reads again, a
+    stale cache is named when a decoded image disagrees."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from retinanet_jax.data.tfds_source import TfdsSource
+
+    sizes = [(480, 640), (640, 427), (375, 500), (612, 612), (360, 640)]
+    encoded, opened = _coco_jpegs(sizes), []
+    cache = str(tmp_path / "cache")
+    with tfds.testing.mock_data(as_data_source_fn=_serve(encoded, opened)):
+        src = TfdsSource("coco/2017", "train", size_cache_dir=cache)
+        assert [src.image_size(i) for i in range(5)] == sizes
+        assert [src[i]["image"].shape[:2] for i in range(5)] == sizes
+        headers = [d for d in opened if d.skip]
+        assert len(headers) == 1 and headers[0].reads == 5 and src.size_reads == 5
+        [path] = src.size_cache_paths()
+        stored = json.load(open(path))
+        assert stored["dataset"] == "coco/2017/1.1.0" and stored["split"] == "train"
+        assert stored["count"] == 5 and stored["hw"] == [list(s) for s in sizes]
+
+        again = TfdsSource("coco/2017", "train", size_cache_dir=cache)
+        assert [again.image_size(i) for i in range(5)] == sizes
+        assert again.size_reads == 0 and len([d for d in opened if d.skip]) == 1  # no header read
+
+        # By default: next to the dataset (its version directory), else the user cache.
+        default = TfdsSource("coco/2017", "train").size_cache_paths()
+        assert default[0].startswith(os.path.join(str(src._builder_dir), "retinanet_jax-image_sizes-"))
+        assert default[1].endswith(
+            os.path.join("coco", "2017", "1.1.0", "retinanet_jax-image_sizes-train.json")
+        )
+
+    with tfds.testing.mock_data(as_data_source_fn=_serve(_coco_jpegs(sizes + [(427, 640)]), opened)):
+        more = TfdsSource("coco/2017", "train", size_cache_dir=cache)
+        assert more.image_size(5) == (427, 640) and more.size_reads == 6  # count changed: read again
+
+    stored["hw"][1] = [427, 640]  # a stale cache with the right count
+    with open(path, "w") as f:
+        json.dump(stored, f)
+    with tfds.testing.mock_data(as_data_source_fn=_serve(encoded, opened)):
+        stale = TfdsSource("coco/2017", "train", size_cache_dir=cache)
+        assert stale.image_size(1) == (427, 640) and stale.size_reads == 0
+        with pytest.raises(DataError, match=r"index 1: decoded size \(640, 427\) differs from the cached"):
+            stale[1]
+
+
+def test_tfds_coco_training_uses_canvases_fitted_to_the_image_sizes(tmp_path, monkeypatch, caplog):
+    """train.py's program on a mock COCO (v1 resize 800 / 1333, global batch 8): 4:3 landscape
+    and portrait images train on 800 x 1088 and 1088 x 800 canvases, not on the (1344, 1344)
+    canvas of images of unknown size. The run is stopped once its pipeline is built."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from config_utils import tiny_config
+
+    from retinanet_jax.data import TrainBatchIterator
+    from retinanet_jax.training import loop as train_loop
+
+    class Stop(Exception):
+        pass
+
+    built = []
+
+    class Recorded(TrainBatchIterator):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(train_loop, "TrainBatchIterator", Recorded)
+    monkeypatch.setattr(train_loop, "create_train_state", stop)
+    # No step runs, so the weights do not matter: zeros instead of compiling the init (~20 s).
+    build = train_loop.build_model
+    monkeypatch.setattr(
+        train_loop, "build_model", lambda c, n, **kw: build(c, n, **{**kw, "pretrained": False})
+    )
+    data = {"name": "coco/2017", "size_cache_dir": str(tmp_path / "sizes")}
+    cfg = tiny_config(
+        **{
+            "dataset.source": "tfds",
+            "dataset.train": {**data, "split": "train"},
+            "dataset.val": {**data, "split": "validation"},
+            "input.min_sizes": (800,),
+            "input.max_size": 1333,
+            "input.worker_count": 0,
+            "optim.epochs": 3,  # 3 x 2 steps: the tiny config's 6 steps
+            "eval.enabled": False,
+        }
+    )
+    assert cfg.input.canvases == "fit" and cfg.batch_size == 8
+    encoded = _coco_jpegs([(480, 640)] * 8 + [(640, 480)] * 8)
+    with tfds.testing.mock_data(as_data_source_fn=_serve(encoded, [])), caplog.at_level("INFO"):
+        with pytest.raises(Stop):
+            train_loop.train_and_evaluate(cfg, str(tmp_path / "run"))
+        [pipeline] = built
+        try:
+            assert pipeline.canvases == [(800, 1088), (1088, 800)]
+            assert pipeline.steps_per_epoch == 2
+            assert next(pipeline)["images"].shape[1:3] in [(800, 1088), (1088, 800)]
+        finally:
+            pipeline.close()
+    assert "training canvases: 2 canvases (h x w: images) 800x1088: 8, 1088x800: 8" in caplog.text
 
 
 def _load_all(src):

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from detection_utils import SizedSource
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -177,24 +178,9 @@ def test_bad_inputs_raise_specific_errors():
         evaluation.detections_to_coco([_det(7, [[0, 0, 1, 1]], [0.5], [2])], [1, 2])
 
 
-class _SizedSource:
-    """Minimal source: only sizes matter for the plan."""
-
-    class_names = ["a"]
-
-    def __init__(self, sizes):
-        self.sizes = sizes
-
-    def __len__(self):
-        return len(self.sizes)
-
-    def image_size(self, i):
-        return self.sizes[i]
-
-
 def test_eval_plan_groups_by_canvas_and_pads():
     sizes = [(100, 200), (200, 100), (100, 200), None, (150, 150), (100, 200)]
-    plan = evaluation.eval_plan(_SizedSource(sizes), 2, min_size=64, max_size=128)
+    plan = evaluation.eval_plan(SizedSource(sizes), 2, min_size=64, max_size=128)
     seen = np.concatenate([row for _, row in plan])
     assert sorted(seen[seen >= 0].tolist()) == list(range(6))  # every image exactly once
     assert all(len(row) == 2 for _, row in plan)

@@ -71,3 +71,15 @@ def test_harmless_changes_are_allowed_and_listed(key, value):
 
 def test_a_checkpoint_without_a_config_resumes():
     assert check_resume(None, SAVED, "ckpt") == []
+
+
+def test_a_checkpoint_from_before_fitted_canvases_reads_as_fixed():
+    """Configs written before ``input.canvases`` existed ran the fixed canvases: resuming one
+    with "fixed" (any max_canvases, which only "fit" reads) is allowed, "fit" is refused."""
+    fixed = _with(input__canvases="fixed", input__max_canvases=8)
+    assert check_resume(SAVED, fixed, "ckpt") == ["input.max_canvases"]
+    with pytest.raises(ValueError, match=r"input.canvases: 'fixed' -> 'fit'"):
+        check_resume(SAVED, _with(input__canvases="fit", input__max_canvases=8), "ckpt")
+    with pytest.raises(ValueError, match=r"input.max_canvases: 8 -> 4"):
+        fit = _with(input__canvases="fit", input__max_canvases=8)
+        check_resume(fit, _with(input__canvases="fit", input__max_canvases=4), "ckpt")

@@ -111,11 +111,11 @@ def make_batches(num_steps: int, batch: int, size: int, seed: int = 0, max_boxes
 def torch_inputs(batch: dict, dtype: torch.dtype) -> tuple[list[torch.Tensor], list[dict]]:
     """The same batch as torchvision's detection references feed it: [0, 1] CHW floats and
     per-image targets (padding rows dropped)."""
+    # Divided in ``dtype``: a float64 run sees exactly the pixels ours normalizes in float64.
     images = [
-        torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))).to(torch.float32) / 255.0
+        torch.from_numpy(np.ascontiguousarray(im.transpose(2, 0, 1))).to(dtype) / 255.0
         for im in batch["images"]
     ]
-    images = [im.to(dtype) for im in images]
     targets = []
     for b, lab in zip(batch["boxes"], batch["labels"]):
         keep = lab >= 0
@@ -221,24 +221,39 @@ def run_torch(model: nn.Module, batches: list[dict], cfg: OptimConfig, dtype: to
 
 
 def run_ours(
-    sd: dict, backbone: str, frozen_bn: bool, trainable_layers: int, batches: list[dict], cfg: OptimConfig
+    sd: dict,
+    backbone: str,
+    frozen_bn: bool,
+    trainable_layers: int,
+    batches: list[dict],
+    cfg: OptimConfig,
+    float64: bool = False,
 ) -> dict:
-    # bn_eps: torch's BatchNorm2d / FrozenBatchNorm2d default (these weights are not COCO_V1's).
-    model, variables = from_torchvision(sd, "v1", backbone=backbone, frozen_bn=frozen_bn, bn_eps=1e-5)
-    batch = batches[0]["images"].shape[0]
-    tx, schedule = make_optimizer(cfg, steps_per_epoch=cfg.warmup_steps + 1, global_batch_size=batch)
-    state = create_train_state(model, variables, tx, trainable_layers, schedule=schedule)
-    step = jax.jit(functools.partial(train_step, model=model))
-    losses, norms = [], []
-    for b in batches:
-        state, m = step(state, {k: jnp.asarray(v) for k, v in b.items()})
-        losses.append([float(m["classification"]), float(m["bbox_regression"])])
-        norms.append(float(m["grad_norm"]))
-    return {
-        "losses": np.asarray(losses),
-        "grad_norm": np.asarray(norms),
-        "state_dict": to_torchvision(model, state.variables),
-    }
+    """Our jitted train_step; ``float64``: under jax_enable_x64 with float64 compute, params,
+    optimizer state and statistics (the returned state_dict is float32, as to_torchvision's)."""
+    dtype = jnp.float64 if float64 else jnp.float32
+    with jax.enable_x64(float64):
+        # bn_eps: torch's BatchNorm2d / FrozenBatchNorm2d default (these weights are not COCO_V1's).
+        model, variables = from_torchvision(
+            sd, "v1", backbone=backbone, frozen_bn=frozen_bn, bn_eps=1e-5, dtype=dtype
+        )
+        variables = jax.tree.map(
+            lambda a: np.asarray(a, dtype) if np.issubdtype(np.asarray(a).dtype, np.floating) else a,
+            variables,
+        )
+        batch = batches[0]["images"].shape[0]
+        tx, schedule = make_optimizer(cfg, steps_per_epoch=cfg.warmup_steps + 1, global_batch_size=batch)
+        state = create_train_state(
+            model, variables, tx, trainable_layers, schedule=schedule, param_dtype=dtype if float64 else None
+        )
+        step = jax.jit(functools.partial(train_step, model=model))
+        losses, norms = [], []
+        for b in batches:
+            state, m = step(state, {k: jnp.asarray(v) for k, v in b.items()})
+            losses.append([float(m["classification"]), float(m["bbox_regression"])])
+            norms.append(float(m["grad_norm"]))
+        state_dict = to_torchvision(model, jax.tree.map(np.asarray, state.variables))
+    return {"losses": np.asarray(losses), "grad_norm": np.asarray(norms), "state_dict": state_dict}
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -331,19 +346,50 @@ def test_r18_fpn_trainable_bn_sgd_tracks_torchvision():
     _parity("resnet18", False, 5, "sgd", size=64, batch=2, steps=12, warmup=5)
 
 
+# Float64 comparison. Rounding aside, both sides compute the same function, so in float64 they
+# agree to the rounding that is left, amplified by the steps. Left: float64 rounding (~1e-16)
+# and a few float32 inputs of ours (ground-truth boxes arrive float32 and the box-coder targets
+# are formed from them: float32 rounding, 6e-8 relative). Measured: losses 2e-8 relative, body
+# conv weights 5e-8 of their movement (R50). Bounds 1e-6 (losses, relative) and 1e-6 of a
+# tensor's largest movement (parameters), plus the float32 rounding of our returned state_dict
+# (half an ulp; the bound allows one, 2^-23 relative). A real difference in the update rule
+# (weight decay, momentum, warmup, clipping, BatchNorm) is far larger: planted on our side,
+# 2 x weight decay puts the losses 1e-4 apart (100x the bound), a warmup one step longer 0.12.
+F64_LOSS_TOL = 1e-6
+F64_MOVE_TOL = 1e-6
+
+
+def _parity_float64(backbone: str, frozen_bn: bool, trainable_layers: int, optimizer: str, **kw) -> dict:
+    torch.set_num_threads(max(1, min(4, torch.get_num_threads())))
+    batches = make_batches(kw["steps"], kw["batch"], kw["size"])
+    tv = tv_retinanet(backbone, kw["size"], frozen_bn, trainable_layers, seed=0)
+    start = state_dict_numpy(tv)
+    cfg = recipe(optimizer, kw["batch"], kw["warmup"])
+    t64 = run_torch(copy.deepcopy(tv), batches, cfg, torch.float64)
+    ours = run_ours(start, backbone, frozen_bn, trainable_layers, batches, cfg, float64=True)
+    loss_err = float(np.max(np.abs(ours["losses"] - t64["losses"]) / np.abs(t64["losses"])))
+    assert loss_err < F64_LOSS_TOL, (loss_err, ours["losses"], t64["losses"])
+    worst = 0.0
+    for k, v0 in start.items():
+        if k.endswith("num_batches_tracked"):
+            assert int(ours["state_dict"][k]) == int(t64["state_dict"][k]), k
+            continue
+        t, o = np.asarray(t64["state_dict"][k], np.float64), np.asarray(ours["state_dict"][k], np.float64)
+        bound = 2.0**-23 * np.abs(t) + F64_MOVE_TOL * np.max(np.abs(t - v0)) + 1e-300
+        excess = float(np.max(np.abs(o - t) / bound))
+        assert excess <= 1.0, (k, excess, float(np.max(np.abs(o - t))), float(np.max(np.abs(t - v0))))
+        worst = max(worst, excess)
+    out = {"loss_err": loss_err, "param_err_over_bound": worst}
+    print(backbone, optimizer, "float64", out)
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason=(
-        "open (issue 17): trainable ResNet-50 body convs (layer2-4, conv and downsample weights) end "
-        "1.3-1.4% of their movement away from torch32 against a float32 drift of 0.18% (8x) after 8 "
-        "steps, while losses, FPN and heads track; not yet bisected (clip factor / CPU conv gradient "
-        "forms / weight-decay-dominated updates are the candidates)"
-    ),
-)
-def test_r50_fpn_frozen_bn_sgd_tracks_torchvision():
-    """(b) torchvision's v1 recipe: ResNet-50-FPN with FrozenBatchNorm2d, trainable_backbone_layers=3."""
-    _parity("resnet50", True, 3, "sgd", size=64, batch=2, steps=8, warmup=3)
+def test_r50_fpn_frozen_bn_sgd_equals_torchvision_in_float64():
+    """(b) torchvision's v1 recipe: ResNet-50-FPN with FrozenBatchNorm2d,
+    trainable_backbone_layers=3, in float64 on both sides (the float32 comparison of (a) does
+    not hold here, and the reason is rounding: docs/performance.md, "Training parity")."""
+    _parity_float64("resnet50", True, 3, "sgd", size=64, batch=2, steps=8, warmup=3)
 
 
 @pytest.mark.slow

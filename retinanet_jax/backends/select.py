@@ -109,40 +109,6 @@ def target(platforms: str | Sequence[str] | None) -> Iterator[str]:
 # --------------------------------------------------------------------------- convolution
 
 
-def _accelerator_conv(
-    lhs,
-    rhs,
-    window_strides,
-    padding,
-    lhs_dilation,
-    rhs_dilation,
-    dimension_numbers,
-    feature_group_count,
-    batch_group_count,
-    precision,
-    preferred_element_type,
-    compute_dtype,
-):
-    # Operands rounded to the compute dtype here (``float32_output_args`` hands over the f32
-    # kernel), the conv in that dtype, its result converted to ``preferred_element_type``: a
-    # bf16 conv, never a mixed-precision one (see the module doc).
-    if compute_dtype is not None:
-        lhs, rhs = lhs.astype(compute_dtype), rhs.astype(compute_dtype)
-    y = lax.conv_general_dilated(
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        batch_group_count,
-        precision,
-    )
-    return y if preferred_element_type is None else y.astype(preferred_element_type)
-
-
 def conv_general_dilated(
     lhs: jax.Array,
     rhs: jax.Array,
@@ -162,23 +128,32 @@ def conv_general_dilated(
     CPU: ``backends.cpu.conv.conv_general_dilated`` (GEMM and Winograd forms), in the name scope
     :data:`CPU_SCOPE`. GPU / TPU: ``lax.conv_general_dilated`` on operands cast to
     ``compute_dtype`` (None: as given), its result cast to ``preferred_element_type``."""
-    args = (
-        lhs,
-        rhs,
-        window_strides,
-        padding,
-        lhs_dilation,
-        rhs_dilation,
-        dimension_numbers,
-        feature_group_count,
-        batch_group_count,
-        precision,
-        preferred_element_type,
+    layout = dict(
+        lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation,
+        dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count,
+        batch_group_count=batch_group_count,
+        precision=precision,
     )
     if is_cpu():
         with jax.named_scope(CPU_SCOPE):
-            return cpu_conv.conv_general_dilated(*args, compute_dtype=compute_dtype)
-    return _accelerator_conv(*args, compute_dtype)
+            return cpu_conv.conv_general_dilated(
+                lhs,
+                rhs,
+                window_strides,
+                padding,
+                **layout,
+                preferred_element_type=preferred_element_type,
+                compute_dtype=compute_dtype,
+            )
+    # Operands rounded to the compute dtype here (``float32_output_args`` hands over the f32
+    # kernel), the conv in that dtype, its result converted to ``preferred_element_type``: a
+    # bf16 conv, never a mixed-precision one (see the module doc).
+    if compute_dtype is not None:
+        lhs, rhs = lhs.astype(compute_dtype), rhs.astype(compute_dtype)
+    y = lax.conv_general_dilated(lhs, rhs, window_strides, padding, **layout)
+    return y if preferred_element_type is None else y.astype(preferred_element_type)
 
 
 def _promote_none(inputs, kernel, bias, dtype=None):

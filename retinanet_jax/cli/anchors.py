@@ -32,27 +32,7 @@ examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The ``anchors`` sub-command's arguments."""
-    g = p.add_argument_group("dataset")
-    g.add_argument(
-        "--data",
-        nargs="+",
-        metavar="ARG",
-        help="SOURCE KEY=VALUE ...: a data source (shapes, coco_json, voc_xml, csv, tfds) and its arguments",
-    )
-    g.add_argument(
-        "--config",
-        help="a training config file (its dataset.<split>, input sizes, anchors and IoU thresholds)",
-    )
-    g.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. model.anchor_sizes='((16,20,25),...)' (repeatable)",
-    )
-    g.add_argument("--split", choices=("train", "val"), default="train", help="config split (default train)")
-    g.add_argument("--max-images", type=int, help="use a random sample of N images (default: all)")
+    """The ``anchors`` sub-command's own arguments (the dataset group is ``cli.main``'s)."""
     g = p.add_argument_group("training resize (default: the config's input.*, else 800 / 1333)")
     g.add_argument("--min-size", type=int, nargs="+", help="short side (several: multi-scale training)")
     g.add_argument("--max-size", type=int, help="long-side limit")

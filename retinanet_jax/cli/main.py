@@ -125,6 +125,29 @@ def _inference_args(p: argparse.ArgumentParser, batch_size: int) -> None:
     g.add_argument("--class-agnostic", action="store_true", help="NMS across classes")
 
 
+def _dataset_args(
+    p: argparse.ArgumentParser, *, config_help: str, set_example: str, split: str, max_images_help: str
+) -> argparse._ArgumentGroup:
+    g = p.add_argument_group("dataset")
+    g.add_argument(
+        "--data",
+        nargs="+",
+        metavar="ARG",
+        help="SOURCE KEY=VALUE ...: a data source (shapes, coco_json, voc_xml, csv, tfds) and its arguments",
+    )
+    g.add_argument("--config", help=config_help)
+    g.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. {set_example} (repeatable)",
+    )
+    g.add_argument("--split", choices=("train", "val"), default=split, help=f"config split (default {split})")
+    g.add_argument("--max-images", type=int, help=max_images_help)
+    return g
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``retinanet-jax`` argument parser with its four sub-commands."""
     parser = argparse.ArgumentParser(
@@ -231,23 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EVALUATE_EPILOG,
     )
     _model_args(p)
-    g = p.add_argument_group("dataset")
-    g.add_argument(
-        "--data",
-        nargs="+",
-        metavar="ARG",
-        help="SOURCE KEY=VALUE ...: a data source (shapes, coco_json, voc_xml, csv, tfds) and its arguments",
+    g = _dataset_args(
+        p,
+        config_help="a training config file (its dataset.<split>)",
+        set_example="dataset.val.num_images=50",
+        split="val",
+        max_images_help="evaluate only the first N images",
     )
-    g.add_argument("--config", help="a training config file (its dataset.<split>)")
-    g.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. dataset.val.num_images=50 (repeatable)",
-    )
-    g.add_argument("--split", choices=("val", "train"), default="val", help="config split (default val)")
-    g.add_argument("--max-images", type=int, help="evaluate only the first N images")
     g.add_argument(
         "--class-map",
         choices=("auto", "name", "index"),
@@ -310,6 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Share of ground-truth boxes with an anchor at IoU >= 0.5 / 0.4, and a "
             "search for anchor sizes and ratios that raise it."
         ),
+    )
+    _dataset_args(
+        p,
+        config_help="a training config file (its dataset.<split>, input sizes, anchors and IoU thresholds)",
+        set_example="model.anchor_sizes='((16,20,25),...)'",
+        split="train",
+        max_images_help="use a random sample of N images (default: all)",
     )
     anchors.add_arguments(p)
     return parser

@@ -143,8 +143,7 @@ def run_predict(
             progress.update(len(chunk), len(chunk) - len(good))
     finally:
         progress.close()
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    write_json_atomic(results, output)
+    write_json_atomic(results, output)  # makes local parent directories; gs:// works too
     ok = len(paths) - (len(failed) - len(errors))
     print(
         f"{ok} images, {len(results)} detections (score > {predictor.options.score_thresh}) "

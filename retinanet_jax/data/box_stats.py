@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from retinanet_jax.data import transforms
-from retinanet_jax.imageprep import geometry
+from retinanet_jax.data.canvas_stats import image_sizes
+from retinanet_jax.imageprep import canvases, geometry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,12 +64,15 @@ def training_boxes(
     """The ground-truth boxes of ``source`` in the pixels the model trains on.
 
     ``min_sizes``/``max_size``: the training resize (``config.input.min_sizes`` / ``max_size``);
-    ``buckets``: the training canvases (None: ``TrainBatchIterator``'s default);
+    ``buckets``: the training canvases (None: canvases fitted to the source's sizes,
+    ``TrainBatchIterator``'s default up to its minimum of a global batch per canvas);
     ``max_images``: read only a seeded random sample of that many examples.
     """
     min_sizes = (int(min_sizes),) if np.ndim(min_sizes) == 0 else tuple(int(s) for s in min_sizes)
     top = max(min_sizes)
-    buckets = [tuple(int(v) for v in b) for b in (buckets or geometry.make_buckets(top, max_size))]
+    if not buckets:
+        buckets = canvases.select_canvases(image_sizes(source), top, max_size)
+    buckets = [tuple(int(v) for v in b) for b in buckets]
     n = len(source)
     order = np.arange(n)
     if max_images is not None and n > max_images:

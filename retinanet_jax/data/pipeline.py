@@ -25,20 +25,14 @@ from typing import Any
 import numpy as np
 
 from retinanet_jax.data import sampler, transforms
+from retinanet_jax.data.canvas_stats import image_sizes
+from retinanet_jax.imageprep import canvases as canvases_lib
 from retinanet_jax.imageprep import geometry
 
 log = logging.getLogger(__name__)
 
 # Steps in an "infinite" run (num_epochs=None): far more than any training run.
 _FOREVER_EPOCHS = 10**9
-
-
-def _image_sizes(source) -> list[tuple[int, int] | None]:
-    """Original (h, w) of every example without decoding; None where the source cannot tell."""
-    if not hasattr(source, "image_size"):
-        return [None] * len(source)
-    sizes = (source.image_size(i) for i in range(len(source)))
-    return [None if s is None else (int(s[0]), int(s[1])) for s in sizes]
 
 
 class _BatchLoader:
@@ -146,9 +140,13 @@ class TrainBatchIterator:
       seed: shuffling and augmentation seed.
       min_sizes: min_size candidates (one drawn per image; torchvision multi-scale training).
       max_size: long-side limit.
-      buckets: canvas (h, w) list; default ``imageprep.geometry.make_buckets(max(min_sizes),
-        max_size)``, plus the unknown-size canvas (``geometry.with_unknown_size_canvas``) if
-        some image size is unknown. Given buckets are used as they are.
+      buckets: canvas (h, w) list, used as given (plus the unknown-size canvas,
+        ``geometry.with_unknown_size_canvas``, if some image size is unknown); None: chosen
+        by ``canvases`` (``imageprep.canvases.select_canvases``).
+      canvases: "fit" (default): at most ``max_canvases`` canvases fitted to the images' sizes
+        (resized with ``max(min_sizes)``), each holding at least a global batch of images;
+        "fixed": ``geometry.make_buckets(max(min_sizes), max_size)``'s three.
+      max_canvases: bound on the fitted canvases (so on ``train_step`` compilations).
       max_boxes: G, boxes per image after padding; ``box_overflow`` "error" | "truncate".
       hflip_prob: probability of a left-right flip.
       process_index, process_count: this host's shard (``jax.process_index()`` / count).
@@ -168,6 +166,8 @@ class TrainBatchIterator:
         min_sizes: Sequence[int] = (800,),
         max_size: int = 1333,
         buckets: Sequence[tuple[int, int]] | None = None,
+        canvases: str = "fit",
+        max_canvases: int = canvases_lib.DEFAULT_MAX_CANVASES,
         max_boxes: int = 100,
         hflip_prob: float = 0.5,
         box_overflow: str = "error",
@@ -186,26 +186,40 @@ class TrainBatchIterator:
         if box_overflow not in transforms.BOX_OVERFLOW:
             raise ValueError(f"box_overflow must be one of {transforms.BOX_OVERFLOW}, got {box_overflow!r}")
         min_sizes = tuple(int(s) for s in min_sizes)
-        sizes = _image_sizes(source)
-        if buckets is None:
-            buckets = geometry.with_unknown_size_canvas(
-                geometry.make_buckets(max(min_sizes), max_size), max_size, sizes
-            )
-        buckets = [tuple(int(v) for v in b) for b in buckets]
+        sizes = image_sizes(source)
+        global_batch = batch_size * process_count
+        # A pure function of the sizes: every host computes the same canvases.
+        buckets = canvases_lib.select_canvases(
+            sizes,
+            max(min_sizes),
+            max_size,
+            mode=canvases,
+            max_canvases=max_canvases,
+            min_group=global_batch,
+            buckets=buckets,
+        )
         by_size = {
             s: geometry.image_bucket(s, buckets, max(min_sizes), max_size) for s in set(sizes)
         }  # few distinct sizes: COCO has ~1000 among 118k images
-        canvases = [by_size[s] for s in sizes]
-        self.canvases = sorted(set(canvases), key=lambda hw: (hw[0] * hw[1], hw))
+        per_image = [by_size[s] for s in sizes]
+        self.canvases = sorted(set(per_image), key=lambda hw: (hw[0] * hw[1], hw))
+        self.canvas_usage = canvases_lib.canvas_usage(sizes, self.canvases, max(min_sizes), max_size)
         key_of = {c: k for k, c in enumerate(self.canvases)}
-        group_keys = np.array([key_of[c] for c in canvases], np.int64)
-        global_batch = batch_size * process_count
+        group_keys = np.array([key_of[c] for c in per_image], np.int64)
         self.steps_per_epoch = sampler.steps_per_epoch(group_keys, global_batch)
         if self.steps_per_epoch == 0:
             raise ValueError(
                 f"{type(source).__name__} with {len(source)} examples gives no full "
                 f"global batch of {global_batch} in any canvas bucket "
                 f"(examples per bucket: {np.bincount(group_keys).tolist()})"
+            )
+        starved = {c: int(n) for c, n in zip(self.canvases, np.bincount(group_keys)) if n < global_batch}
+        if starved:
+            log.warning(
+                "canvases with fewer images than a global batch of %d never train (images per "
+                "canvas: %s); pass other buckets or canvases='fit'",
+                global_batch,
+                starved,
             )
         self.num_epochs = num_epochs
         self.worker_count = int(worker_count)

@@ -22,12 +22,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from etils import epath
 from jax.sharding import Mesh
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from retinanet_jax import storage
 from retinanet_jax.data.categories import default_category_ids
+from retinanet_jax.imageprep import canvases as canvases_lib
 from retinanet_jax.imageprep import geometry
 from retinanet_jax.imageprep.normalize import resize_normalize_host
 from retinanet_jax.inference.detector import DetectorOptions, detect_jit
@@ -127,11 +128,9 @@ def detections_to_coco(detections: Iterable[Mapping[str, Any]], category_ids: Se
 
 
 def write_json_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON to ``path`` via a temporary file and rename: a crash never leaves half a file."""
-    path = epath.Path(path)
-    tmp = path.parent / f".{path.name}.tmp"
-    tmp.write_text(json.dumps(obj))
-    tmp.replace(path)
+    """Write JSON to ``path`` whole: a crash never leaves half a file (local disk: temporary
+    file + rename; object store: one upload; ``retinanet_jax.storage``)."""
+    storage.write_text(path, json.dumps(obj))
 
 
 def results_coco(coco_gt: COCO, results: list[dict]) -> COCO:
@@ -220,21 +219,26 @@ def eval_plan(
     max_size: int,
     buckets: Sequence[tuple[int, int]] | None = None,
     max_images: int | None = None,
+    canvases: str = "fit",
+    max_canvases: int = canvases_lib.DEFAULT_MAX_CANVASES,
 ) -> list[tuple[tuple[int, int], np.ndarray]]:
     """Global eval batches: ``[(canvas (H, W), indices int64 [global_batch_size])]``, -1 = pad.
 
     Every example appears once; each batch holds one canvas bucket (chosen from the original
-    size, ``source.image_size(i)``; unknown sizes go to the largest canvas).
+    size, ``source.image_size(i)``; unknown sizes go to the largest canvas). The canvases:
+    ``buckets`` if given, else ``canvases`` "fit" (at most ``max_canvases`` fitted to these
+    images' sizes) or "fixed" (``geometry.make_buckets``), by
+    ``imageprep.canvases.select_canvases``, the rule training uses.
     """
     n = len(source) if max_images is None else min(len(source), int(max_images))
     sizes = [source.image_size(i) if hasattr(source, "image_size") else None for i in range(n)]
-    buckets = geometry.with_unknown_size_canvas(
-        buckets or geometry.make_buckets(min_size, max_size), max_size, sizes
+    buckets = canvases_lib.select_canvases(
+        sizes, min_size, max_size, mode=canvases, max_canvases=max_canvases, buckets=buckets
     )
-    canvases = [geometry.image_bucket(s, buckets, min_size, max_size) for s in sizes]
+    per_image = [geometry.image_bucket(s, buckets, min_size, max_size) for s in sizes]
     plan = []
-    for canvas in sorted(set(canvases), key=lambda hw: (hw[0] * hw[1], hw)):
-        idx = np.asarray([i for i, c in enumerate(canvases) if c == canvas], np.int64)
+    for canvas in sorted(set(per_image), key=lambda hw: (hw[0] * hw[1], hw)):
+        idx = np.asarray([i for i, c in enumerate(per_image) if c == canvas], np.int64)
         pad = -len(idx) % global_batch_size
         idx = np.concatenate([idx, np.full(pad, -1, np.int64)])
         plan += [(canvas, row) for row in idx.reshape(-1, global_batch_size)]
@@ -298,6 +302,8 @@ def evaluate(
     max_size: int = 1333,
     buckets: Sequence[tuple[int, int]] | None = None,
     max_images: int | None = None,
+    canvases: str = "fit",
+    max_canvases: int = canvases_lib.DEFAULT_MAX_CANVASES,
     score_thresh: float = 0.05,
     topk_candidates: int = 1000,
     nms_thresh: float = 0.5,
@@ -331,7 +337,14 @@ def evaluate(
     variables = _on_mesh(variables, mesh)
     p = jax.process_index()
     plan = eval_plan(
-        source, batch_size, min_size=min_size, max_size=max_size, buckets=buckets, max_images=max_images
+        source,
+        batch_size,
+        min_size=min_size,
+        max_size=max_size,
+        buckets=buckets,
+        max_images=max_images,
+        canvases=canvases,
+        max_canvases=max_canvases,
     )
     results, gts = [], []
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:

@@ -47,14 +47,17 @@ def normalize_images(
     image_sizes: jax.Array,
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
+    dtype: Any = jnp.float32,
 ) -> jax.Array:
-    """uint8 [B,H,W,3] -> float32 normalized, zero outside ``image_sizes`` [B,2] (h, w).
+    """uint8 [B,H,W,3] -> ``dtype`` (float32; float64 in float64 runs) normalized, zero outside
+    ``image_sizes`` [B,2] (h, w).
 
-    Same arithmetic as torchvision (``x / 255``, then ``(x - mean) / std``), and the padding is
-    zero *after* normalization as ``GeneralizedRCNNTransform.batch_images`` pads.
+    Same arithmetic as torchvision (``x / 255``, then ``(x - mean) / std``, in the image's
+    dtype), and the padding is zero *after* normalization as
+    ``GeneralizedRCNNTransform.batch_images`` pads.
     """
-    x = images.astype(jnp.float32) / 255.0
-    x = (x - jnp.asarray(image_mean, jnp.float32)) / jnp.asarray(image_std, jnp.float32)
+    x = images.astype(dtype) / 255.0
+    x = (x - jnp.asarray(image_mean, dtype)) / jnp.asarray(image_std, dtype)
     return jnp.where(inside_mask(image_sizes, images.shape[1:3]), x, 0.0)
 
 

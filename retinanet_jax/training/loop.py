@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
+from retinanet_jax import storage
 from retinanet_jax.data import TrainBatchIterator
 from retinanet_jax.data.categories import default_category_ids
 from retinanet_jax.data.registry import make_source
@@ -198,10 +199,10 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     ``FloatingPointError`` naming the step on a non-finite loss (no checkpoint is written for
     it; earlier ones are intact).
     """
-    if "://" not in str(workdir):  # orbax's async array writes need an absolute local path
+    if not storage.is_object_store(workdir):  # orbax's async array writes need an absolute local path
         workdir = os.path.abspath(workdir)
     workdir = epath.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(workdir)  # gs:// etc.: nothing to make (retinanet_jax.storage)
     is_main = jax.process_index() == 0
     train_src, val_src = build_sources(config)
     preflight.check_batch_size(config, len(train_src))  # before the pipeline's own error
@@ -238,6 +239,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         min_sizes=tuple(inp.min_sizes),
         max_size=inp.max_size,
         buckets=inp.buckets,
+        canvases=inp.get("canvases", "fit"),
+        max_canvases=inp.get("max_canvases", 8),
         max_boxes=inp.max_boxes,
         hflip_prob=inp.hflip_prob,
         box_overflow=inp.box_overflow,
@@ -257,7 +260,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         eval_every=eval_every,
         ckpt_every=ckpt_every,
     )
-    preflight.log_anchor_coverage(config, train_src, model, enabled=is_main)
+    if is_main:
+        log.info("training canvases: %s", pipeline.canvas_usage.describe())
+    preflight.log_anchor_coverage(config, train_src, model, enabled=is_main, buckets=pipeline.canvases)
     tx, schedule = make_optimizer(OptimConfig.from_mapping(config.optim), steps_per_epoch, config.batch_size)
     state = create_train_state(
         model,
@@ -299,6 +304,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         max_size=config.eval.max_size,
         buckets=config.eval.buckets,
         max_images=config.eval.max_images,
+        canvases=inp.get("canvases", "fit"),
+        max_canvases=inp.get("max_canvases", 8),
         score_thresh=config.eval.score_thresh,
         topk_candidates=config.eval.topk_candidates,
         nms_thresh=config.eval.nms_thresh,
@@ -360,6 +367,7 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
             if eval_now:
                 last_eval = run_eval(step)
             if ckpt_now:
+                writer.flush()  # the metrics a resume from this checkpoint keeps are stored first
                 at_step_eval = last_eval if last_eval and last_eval["step"] == step else None
                 ckpt.save(
                     step,

@@ -129,10 +129,17 @@ def check_run(
 
 
 def log_anchor_coverage(
-    config: Any, source: Any, model: Any, *, max_images: int | None = COVERAGE_IMAGES, enabled: bool = True
+    config: Any,
+    source: Any,
+    model: Any,
+    *,
+    max_images: int | None = COVERAGE_IMAGES,
+    enabled: bool = True,
+    buckets: Any = None,
 ) -> anchor_fit.Coverage | None:
     """Logs the share of training boxes with an anchor at IoU >= fg_iou / bg_iou (the model's
-    anchors, boxes resized as in training, up to ``max_images`` examples); warns below 0.8."""
+    anchors, boxes resized as in training, up to ``max_images`` examples); warns below 0.8.
+    ``buckets``: the training canvases (``TrainBatchIterator.canvases``; None: the config's)."""
     if not enabled:
         return None
     inp = config.input
@@ -140,7 +147,7 @@ def log_anchor_coverage(
         source,
         tuple(inp.min_sizes),
         inp.max_size,
-        buckets=inp.get("buckets"),
+        buckets=buckets if buckets is not None else inp.get("buckets"),
         max_images=max_images,
         seed=config.seed,
     )

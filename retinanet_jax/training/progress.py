@@ -4,6 +4,13 @@
 resumes from step ``s``, lines after ``s`` (written by the interrupted run, whose later steps
 are recomputed) are dropped, and TensorBoard is told to purge them too, so both show one
 trajectory. Only process 0 writes.
+
+Both go through :mod:`retinanet_jax.storage`, so a ``gs://`` workdir works without appends: on
+local disk each line is appended at once and TensorBoard writes into ``workdir/tensorboard``;
+on an object store ``metrics.jsonl`` is rewritten whole and the event files (written by
+tensorboardX into a local temporary directory) are uploaded whole at each flush, which happens
+at most every ``storage.OBJECT_STORE_FLUSH_S`` seconds, at :meth:`MetricWriter.flush` (the loop
+calls it before each checkpoint, so what a resumed run keeps is stored) and at close.
 """
 
 from __future__ import annotations
@@ -13,9 +20,12 @@ import logging
 import math
 import sys
 import time
+import uuid
 from typing import Any
 
 from etils import epath
+
+from retinanet_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -28,53 +38,95 @@ def _finite(values: dict[str, float]) -> dict[str, float]:
 
 
 class MetricWriter:
-    """Appends ``{"step", **values}`` lines to ``workdir/metrics.jsonl`` and TensorBoard scalars."""
+    """``{"step", **values}`` lines in ``workdir/metrics.jsonl`` and TensorBoard scalars in
+    ``workdir/tensorboard``, on local disk or an object store.
 
-    def __init__(self, workdir: str | epath.PathLike, *, start_step: int = 0, enabled: bool = True):
+    ``flush_interval_s``: least seconds between two uploads on an object store (default
+    ``storage.OBJECT_STORE_FLUSH_S``); local disk writes every line at once (default 0).
+    """
+
+    def __init__(
+        self,
+        workdir: str | epath.PathLike,
+        *,
+        start_step: int = 0,
+        enabled: bool = True,
+        flush_interval_s: float | None = None,
+    ):
         self.enabled = enabled
         self.path = epath.Path(workdir) / METRICS_FILE
+        remote = storage.is_object_store(workdir)
+        if flush_interval_s is None:
+            flush_interval_s = storage.OBJECT_STORE_FLUSH_S if remote else 0.0
+        self.flush_interval_s = flush_interval_s
+        self._last_flush = time.monotonic()
         self._tb = None
+        self._tb_dir: storage.StagedDir | None = None
         if not enabled:
             return
-        if self.path.exists():
-            self._truncate_after(start_step)
+        self._log = storage.LineLog(self.path)
+        if self._log.exists():
+            self._log.rewrite(_lines_up_to(self._log.read(), start_step))
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
             log.warning("tensorboardX is not installed: no TensorBoard events (pip install tensorboardX)")
         else:
+            # tensorboardX appends to its event file: on an object store it writes locally and
+            # the files are uploaded whole (StagedDir). A unique suffix keeps a resumed run's
+            # file from replacing one named in the same second.
+            self._tb_dir = storage.StagedDir(epath.Path(workdir) / "tensorboard")
+            suffix = f".{uuid.uuid4().hex[:8]}" if remote else ""
             # purge_step hides events >= it that an interrupted run wrote past its checkpoint.
             self._tb = SummaryWriter(
-                str(epath.Path(workdir) / "tensorboard"), purge_step=start_step + 1 if start_step else None
+                self._tb_dir.local,
+                purge_step=start_step + 1 if start_step else None,
+                filename_suffix=suffix,
             )
-
-    def _truncate_after(self, step: int) -> None:
-        kept = []
-        for line in self.path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue  # a torn last line of a killed run
-        tmp = self.path.parent / f".{self.path.name}.tmp"
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
 
     def write(self, step: int, values: dict[str, float]) -> None:
         """Record ``values`` at ``step`` (NaN / inf are left out of the JSON line)."""
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": int(step), **_finite(values)}) + "\n")
+        self._log.append(json.dumps({"step": int(step), **_finite(values)}))
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(name, float(value), int(step))
+        if time.monotonic() - self._last_flush >= self.flush_interval_s:
+            self.flush()
+
+    def flush(self) -> None:
+        """Store everything written so far (uploads on an object store)."""
+        if not self.enabled:
+            return
+        self._log.flush()
+        if self._tb is not None:
             self._tb.flush()
+            self._tb_dir.sync()
+        self._last_flush = time.monotonic()
 
     def close(self) -> None:
+        if not self.enabled:
+            return
+        self._log.flush()
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._tb_dir is not None:
+            self._tb_dir.close()
+            self._tb_dir = None
+
+
+def _lines_up_to(lines: list[str], step: int) -> list[str]:
+    """The parsable lines whose ``"step"`` is <= ``step`` (a killed run's torn last line is dropped)."""
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    return kept
 
 
 class Progress:

@@ -24,12 +24,18 @@ STATE_KEYS = (
     "input.min_sizes",
     "input.max_size",
     "input.buckets",  # canvases (and the batches they group)
+    "input.canvases",
+    "input.max_canvases",
     "input.max_boxes",
     "input.box_overflow",
     "input.hflip_prob",  # what each batch holds
     "model.",  # the arrays in the checkpoint
     "optim.optimizer",  # the optimizer state's structure
 )
+
+
+# What a key absent from an older checkpoint's config meant when that run was written.
+ABSENT_MEANT = {"input.canvases": "fixed"}  # canvases fitted to the data came later
 
 
 def flatten(config: Mapping[str, Any] | None, prefix: str = "") -> dict[str, Any]:
@@ -67,8 +73,12 @@ def check_resume(saved: Mapping[str, Any] | None, current: Mapping[str, Any], wh
     """
     if saved is None:
         return []
+    saved, current = ({**ABSENT_MEANT, **flatten(c)} for c in (saved, current))
     changed = config_changes(saved, current)
-    refused = [k for k in changed if _is_state_key(k)]
+    unread = (
+        set() if "fit" in (saved["input.canvases"], current["input.canvases"]) else {"input.max_canvases"}
+    )
+    refused = [k for k in changed if _is_state_key(k) and k not in unread]  # only "fit" reads it
     if refused:
         a, b = flatten(saved), flatten(current)
         detail = "; ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in refused)

@@ -165,7 +165,9 @@ def train_step(
     labels int32 [B,G] (-1 = padding). Returns the new state and scalar metrics: loss,
     classification, bbox_regression, grad_norm (before clipping), lr, is_finite.
     """
-    images = normalize_images(batch["images"], batch["image_sizes"])
+    # float32, or float64 in a float64 run (bf16 models still get float32 pixels, as before).
+    pixel_dtype = jnp.promote_types(getattr(model, "dtype", jnp.float32), jnp.float32)
+    images = normalize_images(batch["images"], batch["image_sizes"], dtype=pixel_dtype)
     anchors = jnp.asarray(anchors_for_model(model, tuple(images.shape[1:3])))  # static per canvas
     # Trainable BN (frozen_bn=False) normalizes with batch statistics and updates its running
     # ones, in frozen stages too -- torchvision's requires_grad_(False) leaves BN in train mode.
