@@ -539,12 +539,13 @@ def test_adamw_float32_drift_is_rounding_noise():
 
     Step 1's Adam direction is ``g / (|g| + eps)`` per element (m = (1-b1) g, v = (1-b2) g^2
     after bias correction), so an element whose gradient is within a few rounding errors of
-    0 gets an update of up to ``lr`` whose size and sign are the rounding's. Measured (3
-    steps of configs/shapes.py's recipe, 11.5M elements): after step 1, 460 elements moved
-    differently by > 1% of lr (at most 0.55 lr); their gradients are a median 3.4 (at most 21)
-    times the rms float32 rounding error of their tensor (against float64), their float32
-    values 12% off the float64 ones and 12% apart between 8 and 1 devices, while the median
-    element is 5e-6 off. In float64 the same steps agree to ~1e-12.
+    0 gets an update of up to ``lr`` whose size and sign are the rounding's. Derived: an
+    element whose two float32 updates differ by more than 1% of lr has two gradients that
+    differ by more than ~1% of the smaller one, so its gradient is at most ~100 of its own
+    rounding errors (|g32 - g64|, 8 and 1 devices) from 0: low signal-to-noise, where the
+    typical element has >= 1e3. Which elements those are (and how many, a few thousand of
+    11.5M) depends on the machine's summation order; the statements below do not. In float64
+    the same step agrees to float64 rounding.
     """
     b1 = RECIPES["adamw_shapes"][0].adam_b1
     runs = {
@@ -557,39 +558,37 @@ def test_adamw_float32_drift_is_rounding_noise():
             for k, v in jax.tree_util.tree_leaves_with_path(tree)
         }
 
-    def grads(key):  # step 1's (clipped) gradient, from Adam's first moment (1 - b1) g
-        return {
-            k: m / (1 - b1)
-            for k, m in flat(optax.tree_utils.tree_get(runs[key][0][1].opt_state, "mu")).items()
-        }
+    def grads(dtype, mesh):  # step 1's (clipped) gradient, from Adam's first moment (1 - b1) g
+        mu = flat(optax.tree_utils.tree_get(runs[(dtype, mesh)][0][1].opt_state, "mu"))
+        return {k: m / (1 - b1) for k, m in mu.items()}
 
-    g64, g1, g8 = grads(("float64", "1dev")), grads(("float32", "1dev")), grads(("float32", "8dev"))
+    def cat(fn):
+        return np.concatenate([np.asarray(fn(k)).ravel() for k in keys])
+
+    g = {(d, m): grads(d, m) for d, m in runs}
+    keys = list(g[("float64", "1dev")])
     lr = float(runs[("float32", "1dev")][1][0]["lr"])
-    keys = list(g64)
     p8, p1 = (flat(runs[("float32", m)][0][1].params) for m in ("8dev", "1dev"))
-    dp = np.concatenate([np.abs(p8[k] - p1[k]).ravel() for k in keys])
-    # Each element's gradient in units of its tensor's rms float32 rounding error.
-    noise = {k: np.sqrt(np.mean((g1[k] - g64[k]) ** 2)) for k in keys}
-    in_noise = np.concatenate([(np.abs(g64[k]) / max(noise[k], 1e-300)).ravel() for k in keys])
-    err32 = np.concatenate(
-        [(np.abs(g1[k] - g64[k]) / np.maximum(np.abs(g64[k]), 1e-300)).ravel() for k in keys]
-    )
+    dp = cat(lambda k: np.abs(p8[k] - p1[k]))
+    g64 = cat(lambda k: g[("float64", "1dev")][k])
+    g8, g1 = cat(lambda k: g[("float32", "8dev")][k]), cat(lambda k: g[("float32", "1dev")][k])
+    noise = np.abs(g8 - g64) + np.abs(g1 - g64)  # float32 rounding of the two gradients
+    snr = np.abs(g64) / np.maximum(noise, 1e-300)
     moved_apart = dp > 0.01 * lr
+    print(
+        f"moved apart: {moved_apart.sum()} of {dp.size}, at most {dp.max() / lr:.2f} lr; signal/noise "
+        f"median {np.median(snr[moved_apart]):.3g} (moved), {np.median(snr):.3g} (all), "
+        f"max {snr[moved_apart].max():.3g} (moved)"
+    )
     # Adam made lr-sized differences (float32 noise in the params would be ~1e-7 * 1e-2) ...
     assert moved_apart.any() and dp.max() > 0.1 * lr, dp.max() / lr
-    # ... from gradients at the rounding-noise level: within 100 rms rounding errors of 0 (the
-    # median element is ~1e5 of them), their float32 values >= 1% off float64 (median element
-    # ~5e-6), and the 8-vs-1 difference the same size as that rounding error.
-    # Quantiles, not the maximum: over thousands of elements a few sit in the tail of their
-    # tensor's rounding noise, and which ones depends on the machine's summation order.
-    q50, q90 = np.quantile(in_noise[moved_apart], [0.5, 0.9])
-    assert q50 < 30 and q90 < 100, (q50, q90)
-    assert np.median(in_noise) > 1e3
-    assert np.median(err32[moved_apart]) > 1e-2 > 1e-4 > np.median(err32)
-    diff81 = np.concatenate([np.abs(g8[k] - g1[k]).ravel() for k in keys])
-    err = np.concatenate([np.abs(g1[k] - g64[k]).ravel() for k in keys])
-    assert np.median(diff81[moved_apart]) < 10 * np.median(err[moved_apart])
-    # float64: the same step agrees to the params' own rounding (measured 2.6e-15, i.e. 1e-9
-    # lr, against 0.55 lr in float32); no gradient is near float64's rounding noise.
+    # ... on elements whose gradient is at the level of its float32 rounding (derived bound
+    # ~100: docstring; 200 for the step's weight decay and clipping), unlike the typical one.
+    assert np.max(snr[moved_apart]) < 200, np.max(snr[moved_apart])
+    assert np.median(snr) > 1e3, np.median(snr)
+    # float64: 8 and 1 devices agree to float64 rounding, in the gradient and in the step
+    # (measured 2.6e-15 in the params, i.e. 1e-9 lr, against 0.55 lr in float32).
+    g64_8 = cat(lambda k: g[("float64", "8dev")][k])
+    assert np.max(np.abs(g64_8 - g64)) < 1e-9 * np.max(np.abs(g64))
     q8, q1 = (flat(runs[("float64", m)][0][1].params) for m in ("8dev", "1dev"))
     assert max(float(np.max(np.abs(q8[k] - q1[k]))) for k in keys) < 1e-6 * lr
