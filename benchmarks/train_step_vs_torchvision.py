@@ -114,7 +114,7 @@ def main() -> None:
     )
     print(
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, "
-        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (see retinanet_jax/hostmem.py)"
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} (see retinanet_jax/backends/cpu/hostmem.py)"
     )
 
     data = make_data(args.batch, args.size)
