@@ -323,3 +323,28 @@ def test_per_step_cosine_follows_fractional_epochs():
     assert float(per_epoch(150)) == float(per_epoch(100)) != float(sched(150))
     with pytest.raises(ValueError, match="schedule_unit"):
         optim.make_schedule(dataclasses.replace(cfg, schedule_unit="batch"), 100, 8)
+
+
+def test_schedule_over_the_run_steps_ignores_epochs():
+    """optim.epochs=None: cosine over run_steps updates and a warmup of warmup_steps, however
+    many steps an epoch has (a fixed-length run on a dataset of any size)."""
+    cfg = optim.OptimConfig(
+        optimizer="adamw",
+        base_lr=1e-3,
+        lr_scaling="none",
+        schedule="cosine",
+        epochs=None,
+        milestones=(),
+        warmup_steps=50,
+        warmup_factor=0.1,
+    )
+    for steps_per_epoch in (7, 25, 1000):  # warmup 50 > an epoch of 7 or 25: not capped
+        sched = optim.make_schedule(cfg, steps_per_epoch, 8, run_steps=400)
+        for step in (0, 10, 50, 123, 400, 500):
+            warm = 0.1 + 0.9 * min(step, 50) / 50
+            want = 1e-3 * warm * 0.5 * (1 + np.cos(np.pi * min(step, 400) / 400))
+            np.testing.assert_allclose(float(sched(step)), want, rtol=1e-6, atol=1e-12)
+    with pytest.raises(ValueError, match="needs the run's length"):
+        optim.make_schedule(cfg, 25, 8)
+    with pytest.raises(ValueError, match=r"milestones=\(3,\) are epochs"):
+        optim.make_schedule(dataclasses.replace(cfg, schedule="multistep", milestones=(3,)), 25, 8, 400)

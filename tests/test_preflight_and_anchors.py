@@ -291,6 +291,17 @@ def test_num_steps_past_a_constant_schedule_is_fine():
     assert _check(cfg) == []
 
 
+def test_a_schedule_over_the_run_has_no_epoch_traps():
+    """optim.epochs=None: the schedule is num_steps long, so a long run is not "past the
+    schedule", and a warmup longer than an epoch is not capped (no warning)."""
+    cfg = tiny_config(
+        num_steps=20,
+        **{"optim.epochs": None, "optim.warmup_steps": 12, "eval.every_steps": 10},
+        **{"checkpoint.every_steps": 10},
+    )
+    assert _check(cfg) == []
+
+
 def test_warmup_longer_than_the_run_warns(caplog):
     cfg = tiny_config(
         num_steps=4, **{"optim.warmup_steps": 6, "eval.every_steps": 4, "checkpoint.every_steps": 4}
@@ -415,6 +426,11 @@ def test_training_logs_anchor_coverage_and_warns_below_0_8(until_optimizer, tmp_
 def test_training_refuses_num_steps_past_the_schedule(until_optimizer, tmp_path):
     with pytest.raises(ValueError, match=r"config.num_steps=20 .*config.optim.epochs=1"):
         until_optimizer(tiny_config(num_steps=20), str(tmp_path))
+
+
+def test_training_refuses_a_schedule_over_the_run_without_num_steps(until_optimizer, tmp_path):
+    with pytest.raises(ValueError, match=r"config.optim.epochs=None .* needs config.num_steps"):
+        until_optimizer(tiny_config(num_steps=None, **{"optim.epochs": None}), str(tmp_path))
 
 
 def test_training_refuses_a_batch_larger_than_the_dataset(until_optimizer, tmp_path):

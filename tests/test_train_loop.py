@@ -204,6 +204,35 @@ def test_train_py_parses_config_file_and_overrides(tmp_path, monkeypatch):
     assert config.dataset.source == "shapes"
 
 
+@pytest.mark.parametrize("name", ["custom_coco_json", "custom_voc_xml", "custom_csv"])
+def test_scratch_config_string_is_the_from_scratch_recipe_for_each_format(name, monkeypatch):
+    """``--config configs/<format>.py:scratch`` as train.py declares the flag (ml_collections
+    ``DEFINE_config_file``): the recipe (no checkpoint, every layer trains, a schedule over
+    num_steps), the format's own source, and overrides still apply; the plain file fine-tunes;
+    the CLI's ``load_config`` reads FILE:ARG the same way; an unknown argument is refused."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from retinanet_jax.cli.evaluate import load_config
+
+    path = os.path.join(ROOT, "configs", f"{name}.py")
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True)
+    argv = ["train.py", f"--config={path}:scratch", "--config.num_steps=40"]
+    monkeypatch.setattr(sys, "argv", argv)  # config_flags reads overrides from sys.argv
+    fv(argv)
+    c = fv.config
+    fine_tune = runpy.run_path(path)["get_config"]()
+    assert c.dataset.source == fine_tune.dataset.source != "tfds"
+    assert (c.init.retinanet_checkpoint, c.init.backbone_checkpoint) == ("", "")
+    assert fine_tune.init.retinanet_checkpoint  # the default still fine-tunes
+    assert (c.model.frozen_bn, c.model.trainable_backbone_layers, c.optim.epochs) == (False, 5, None)
+    assert c.num_steps == 40 and c.optim.schedule == "cosine"
+    assert load_config(f"{path}:scratch", {"num_steps": 40}).to_dict() == c.to_dict()
+    with pytest.raises(ValueError, match="'scrach'"):
+        runpy.run_path(path)["get_config"]("scrach")
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -52,7 +52,8 @@ def parse_assignments(items: Sequence[str], what: str) -> dict[str, Any]:
 
 
 def load_config(path: str, overrides: dict[str, Any]) -> Any:
-    """``get_config()`` of a config file (or a stored config dict) with dotted ``overrides``."""
+    """``get_config()`` of a config file (or a stored config dict) with dotted ``overrides``.
+    ``FILE.py:ARG`` calls ``get_config("ARG")``, as train.py's ``--config`` does (ml_collections)."""
     import runpy
 
     from ml_collections import ConfigDict
@@ -60,9 +61,11 @@ def load_config(path: str, overrides: dict[str, Any]) -> Any:
     if isinstance(path, dict):
         config = ConfigDict(path)
     else:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: config file not found")
-        config = runpy.run_path(path)["get_config"]()
+        file, sep, arg = path.partition(":") if not os.path.isfile(path) else (path, "", "")
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{file}: config file not found")
+        get_config = runpy.run_path(file)["get_config"]
+        config = get_config(arg) if sep else get_config()
     for key, value in overrides.items():
         node, *parents = config, *key.split(".")[:-1]
         try:

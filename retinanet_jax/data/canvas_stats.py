@@ -13,11 +13,13 @@ from typing import Any
 from retinanet_jax.imageprep import canvases as canvases_lib
 
 
-def image_sizes(source: Any) -> list[tuple[int, int] | None]:
-    """Original (h, w) of every example without decoding; None where the source cannot tell."""
+def image_sizes(source: Any, n: int | None = None) -> list[tuple[int, int] | None]:
+    """Original (h, w) of the first ``n`` examples (None: every one) without decoding; None
+    where the source cannot tell."""
+    n = len(source) if n is None else min(len(source), int(n))
     if not hasattr(source, "image_size"):
-        return [None] * len(source)
-    sizes = (source.image_size(i) for i in range(len(source)))
+        return [None] * n
+    sizes = (source.image_size(i) for i in range(n))
     return [None if s is None else (int(s[0]), int(s[1])) for s in sizes]
 
 

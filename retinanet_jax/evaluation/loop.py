@@ -27,6 +27,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from retinanet_jax import storage
+from retinanet_jax.data.canvas_stats import image_sizes
 from retinanet_jax.data.categories import default_category_ids
 from retinanet_jax.imageprep import canvases as canvases_lib
 from retinanet_jax.imageprep import geometry
@@ -230,8 +231,7 @@ def eval_plan(
     images' sizes) or "fixed" (``geometry.make_buckets``), by
     ``imageprep.canvases.select_canvases``, the rule training uses.
     """
-    n = len(source) if max_images is None else min(len(source), int(max_images))
-    sizes = [source.image_size(i) if hasattr(source, "image_size") else None for i in range(n)]
+    sizes = image_sizes(source, max_images)
     buckets = canvases_lib.select_canvases(
         sizes, min_size, max_size, mode=canvases, max_canvases=max_canvases, buckets=buckets
     )

@@ -249,6 +249,11 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
         worker_count=inp.worker_count,
     )
     steps_per_epoch = pipeline.steps_per_epoch
+    if not config.num_steps and config.optim.epochs is None:
+        raise ValueError(
+            "config.optim.epochs=None (an lr schedule over the run's steps) needs config.num_steps: "
+            "set the run's length in steps"
+        )
     num_steps = config.num_steps or config.optim.epochs * steps_per_epoch
     eval_every = config.eval.every_steps or steps_per_epoch
     ckpt_every = config.checkpoint.every_steps or steps_per_epoch
@@ -263,7 +268,9 @@ def train_and_evaluate(config: Any, workdir: str) -> dict[str, float]:
     if is_main:
         log.info("training canvases: %s", pipeline.canvas_usage.describe())
     preflight.log_anchor_coverage(config, train_src, model, enabled=is_main, buckets=pipeline.canvases)
-    tx, schedule = make_optimizer(OptimConfig.from_mapping(config.optim), steps_per_epoch, config.batch_size)
+    tx, schedule = make_optimizer(
+        OptimConfig.from_mapping(config.optim), steps_per_epoch, config.batch_size, run_steps=num_steps
+    )
     state = create_train_state(
         model,
         variables,

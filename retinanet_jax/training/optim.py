@@ -52,7 +52,9 @@ class OptimConfig:
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     schedule: str = "multistep"  # "multistep" | "cosine" | "constant"
-    epochs: int = 26
+    # None: the schedule spans the run's steps (``run_steps``), not epochs: cosine over the
+    # run, warmup not capped at one epoch (a run of fixed length on a dataset of any size).
+    epochs: int | None = 26
     milestones: tuple[int, ...] = (16, 22)  # epochs
     gamma: float = 0.1
     # "epoch": the main factor changes once per epoch (torchvision's scheduler.step() per epoch);
@@ -95,7 +97,9 @@ def scaled_lr(cfg: OptimConfig, global_batch_size: int) -> float:
     raise ValueError(f"lr_scaling must be 'linear' or 'none', got {cfg.lr_scaling!r}")
 
 
-def make_schedule(cfg: OptimConfig, steps_per_epoch: int, global_batch_size: int) -> optax.Schedule:
+def make_schedule(
+    cfg: OptimConfig, steps_per_epoch: int, global_batch_size: int, run_steps: int | None = None
+) -> optax.Schedule:
     """lr as a function of the number of applied updates, torchvision's composition.
 
     ``lr(step) = peak * warmup(step) * main(epoch)`` with ``epoch = step // steps_per_epoch``:
@@ -103,11 +107,29 @@ def make_schedule(cfg: OptimConfig, steps_per_epoch: int, global_batch_size: int
     ``min(warmup_steps, steps_per_epoch - 1)`` steps (engine.py), and the main factor is
     MultiStepLR / CosineAnnealingLR(T_max=epochs) stepped once per epoch (train.py), or at
     every step with ``schedule_unit="step"`` (cosine over fractional epochs; milestones unchanged).
+
+    ``cfg.epochs=None`` (our from-scratch recipes): the run is ``run_steps`` updates long
+    whatever the dataset's size; cosine follows ``step / run_steps``, and the warmup lasts
+    ``warmup_steps`` (no epoch to cap it). Multistep milestones (epochs) are refused there.
     """
     if steps_per_epoch < 1:
         raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
     peak = scaled_lr(cfg, global_batch_size)
-    warmup = min(int(cfg.warmup_steps), steps_per_epoch - 1)
+    by_run = cfg.epochs is None
+    if by_run:
+        if not run_steps or run_steps < 1:
+            raise ValueError(
+                "optim.epochs=None (a schedule over the run's steps) needs the run's length: set "
+                f"config.num_steps (got {run_steps})"
+            )
+        if cfg.schedule == "multistep" and cfg.milestones:
+            raise ValueError(
+                f"optim.milestones={tuple(cfg.milestones)} are epochs, and optim.epochs=None has "
+                "none: use optim.schedule='cosine' or 'constant', or set optim.epochs"
+            )
+        warmup = int(cfg.warmup_steps)
+    else:
+        warmup = min(int(cfg.warmup_steps), steps_per_epoch - 1)
     f0 = float(cfg.warmup_factor)
     milestones = jnp.asarray([m * steps_per_epoch for m in cfg.milestones] or [0], jnp.int32)
     num_milestones = len(cfg.milestones)
@@ -126,6 +148,9 @@ def make_schedule(cfg: OptimConfig, steps_per_epoch: int, global_batch_size: int
         if cfg.schedule == "multistep" and num_milestones:
             passed = jnp.sum(count >= milestones)
             main = jnp.float32(cfg.gamma) ** passed.astype(jnp.float32)
+        elif cfg.schedule == "cosine" and by_run:
+            frac = jnp.minimum(count, run_steps).astype(jnp.float32) / run_steps
+            main = 0.5 * (1.0 + jnp.cos(jnp.float32(math.pi) * frac))
         elif cfg.schedule == "cosine":
             if cfg.schedule_unit == "step":
                 epoch = jnp.minimum(count.astype(jnp.float32) / steps_per_epoch, cfg.epochs)
@@ -199,15 +224,16 @@ def scale_by_adam_torch(
 
 
 def make_optimizer(
-    cfg: OptimConfig, steps_per_epoch: int, global_batch_size: int
+    cfg: OptimConfig, steps_per_epoch: int, global_batch_size: int, run_steps: int | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """(tx, schedule) equal to torch's SGD / AdamW under torchvision's recipe.
 
     The schedule is evaluated on optax's own update count (applied updates), so skipped
     non-finite steps do not advance it. Give ``tx`` only the trainable parameters: frozen
-    ones then have no optimizer state at all.
+    ones then have no optimizer state at all. ``run_steps``: the run's length, read only
+    when ``cfg.epochs`` is None (``make_schedule``).
     """
-    schedule = make_schedule(cfg, steps_per_epoch, global_batch_size)
+    schedule = make_schedule(cfg, steps_per_epoch, global_batch_size, run_steps)
     clip = [optax.clip_by_global_norm(float(cfg.clip_grad_norm))] if cfg.clip_grad_norm is not None else []
     if cfg.optimizer == "sgd":
         # torch.optim.SGD: d = g + wd * p; buf = momentum * buf + d (buf_0 = d_0); p -= lr * buf.

@@ -9,8 +9,9 @@ handler) name the keys and the consequence.
 The semantics checked are those of ``training/optim.py`` and ``training/loop.py``:
 - the lr schedule spans ``optim.epochs * steps_per_epoch`` updates; ``num_steps`` (None = that
   many) only says when the loop stops. Past the schedule, cosine stays at 0 and multistep at
-  its last factor;
-- warmup lasts ``min(optim.warmup_steps, steps_per_epoch - 1)`` steps (torchvision engine.py);
+  its last factor. ``optim.epochs=None``: the schedule spans ``num_steps`` (nothing to check);
+- warmup lasts ``min(optim.warmup_steps, steps_per_epoch - 1)`` steps (torchvision engine.py),
+  ``optim.warmup_steps`` with ``optim.epochs=None``;
 - the loop evaluates when ``step % eval_every == 0`` *or at the final step*, and checkpoints
   when ``step % ckpt_every == 0``, *at the final step* or on preemption.
 """
@@ -50,7 +51,8 @@ def check_run(
     check_batch_size(config, dataset_size)
     warnings: list[str] = []
     opt = OptimConfig.from_mapping(config.optim)
-    schedule_steps = int(opt.epochs) * steps_per_epoch
+    by_run = opt.epochs is None  # the schedule follows num_steps
+    schedule_steps = num_steps if by_run else int(opt.epochs) * steps_per_epoch
     decays = opt.schedule == "cosine" or (opt.schedule == "multistep" and opt.milestones)
     if config.num_steps and num_steps > schedule_steps and decays:
         final_lr = float(make_schedule(opt, steps_per_epoch, config.batch_size)(schedule_steps))
@@ -62,14 +64,14 @@ def check_run(
             f"cover the run (>= {-(-num_steps // steps_per_epoch)}) or drop config.num_steps "
             f"(None = optim.epochs x steps per epoch)"
         )
-    if opt.schedule == "multistep":
+    if opt.schedule == "multistep" and not by_run:
         late = [m for m in opt.milestones if m >= opt.epochs]
         if late:
             warnings.append(
                 f"config.optim.milestones={tuple(opt.milestones)}: {late} are not before "
                 f"config.optim.epochs={opt.epochs}, so those lr drops never happen"
             )
-    warmup = min(int(opt.warmup_steps), steps_per_epoch - 1)
+    warmup = int(opt.warmup_steps) if by_run else min(int(opt.warmup_steps), steps_per_epoch - 1)
     if int(opt.warmup_steps) > warmup and warmup >= 0:
         warnings.append(
             f"config.optim.warmup_steps={opt.warmup_steps} is longer than an epoch: the warmup "
