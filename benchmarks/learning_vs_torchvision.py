@@ -113,8 +113,8 @@ def torchvision_model(num_classes: int, anchor_sizes: tuple, size: int) -> torch
 
 
 class _Train(torch.utils.data.Dataset):
-    def __init__(self, src: VocXmlSource, seed: int):
-        self.src, self.rng = src, np.random.default_rng(seed)
+    def __init__(self, src: VocXmlSource):
+        self.src = src
 
     def __len__(self) -> int:
         return len(self.src)
@@ -134,7 +134,7 @@ def run_torchvision(args: argparse.Namespace, budget: float, anchor_sizes: tuple
     t0 = time.perf_counter()
     model = torchvision_model(len(train_src.class_names), anchor_sizes, size).train()
     loader = torch.utils.data.DataLoader(
-        _Train(train_src, 0),
+        _Train(train_src),
         batch_size=args.tv_batch,
         shuffle=True,
         num_workers=1,
