@@ -9,6 +9,7 @@ variants run interleaved after warm-up; medians. ``x n`` = how many convs of tha
 step runs, so the weighted total approximates the step's conv time.
 
     PYTHONPATH=. python benchmarks/conv_shapes.py [--dtype f32|bf16] [--size 512] [--batch 4]
+        [--all-stages]   (also the stem and layer1, trained from scratch)
 """
 
 from __future__ import annotations
@@ -27,6 +28,16 @@ from retinanet_jax.backends.cpu import conv
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 # (name, input size / 512 * size, Cin, Cout, kernel, stride, count per step, needs dx)
+# From scratch (--all-stages: every stage trainable, as torchvision's builders without weights):
+# the stem and layer1 too, and layer2's first convs then need their input gradient.
+STEM_AND_LAYER1 = [
+    ("conv1 7x7/2 (stem)", 512, 3, 64, 7, 2, 1, False),
+    ("layer1.0.conv1 1x1", 128, 64, 64, 1, 1, 1, True),
+    ("layer1.x.conv2 3x3", 128, 64, 64, 3, 1, 3, True),
+    ("layer1.conv3 1x1", 128, 64, 256, 1, 1, 3, True),
+    ("layer1.0.downsample 1x1", 128, 64, 256, 1, 1, 1, True),
+    ("layer1.x.conv1 1x1", 128, 256, 64, 1, 1, 2, True),
+]
 SHAPES = [
     ("layer2.0.conv1 1x1", 128, 256, 128, 1, 1, 1, False),
     ("layer2.0.conv2 3x3/2", 128, 128, 128, 3, 2, 1, True),
@@ -81,6 +92,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--all-stages", action="store_true", help="also the stem and layer1 (from scratch)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
@@ -91,7 +103,10 @@ def main() -> None:
         "|---|---|---|---|---|---|---|"
     )
     totals = np.zeros(3)
-    for name, h, cin, cout, k, s, n, needs_dx in SHAPES:
+    shapes = SHAPES
+    if args.all_stages:
+        shapes = STEM_AND_LAYER1 + [(*row[:-1], True) for row in SHAPES]
+    for name, h, cin, cout, k, s, n, needs_dx in shapes:
         h = h * args.size // 512
         x = rng.standard_normal((args.batch, h, h, cin)).astype(np.float32)
         w = (rng.standard_normal((k, k, cin, cout)) * 0.05).astype(np.float32)

@@ -29,6 +29,7 @@ per flag set to compare them.
     # one cell (default: the README row, r50 frozen3 v1 512)
     PYTHONPATH=. python benchmarks/train_step_vs_torchvision.py [--reps 5] [--batch 4]
         [--cell r50,frozen3,v1,512] [--also-modes lax] [--no-torch] [--no-bf16]
+        [--profile 3]   (then ms per layer, forward and backward, ours vs torchvision)
     # the matrix of issue 17: {r18,r50} x {frozen3,train5} x {v1,v2} x {400,800x1216}, f32
     PYTHONPATH=. python benchmarks/train_step_vs_torchvision.py --matrix --no-bf16 --reps 3 \\
         --classes 1 --boxes 20 --max-boxes 128 --box-px 10 40
@@ -59,6 +60,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from benchmarks import op_profile
 from retinanet_jax.backends.cpu import conv, hostmem
 from retinanet_jax.interop.torchvision import from_torchvision
 from retinanet_jax.parallel import mesh as parallel
@@ -269,7 +271,17 @@ def run_cell(cell: Cell, args: argparse.Namespace) -> dict:
             before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             times[label].append(timed(fn))
             faults[label].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    profiles = None
+    if args.profile:
+        # Per-layer profiles (f32), after the timing so that they cannot disturb it.
+        entry = ours["f32"]
+        hlo = entry["step"].jitted(entry["state"]).lower(entry["state"], entry["step"].place_batch(batch))
+        profiles = (
+            op_profile.profile_ours(lambda: our_step("f32"), args.profile, hlo.compile().as_text()),
+            op_profile.profile_torch(tv, lambda: tv_step(False), args.profile),
+        )
     return {
+        "profiles": profiles,
         "labels": [label for label, _ in variants],
         "median": {k: statistics.median(v) for k, v in times.items()},
         "faults": {k: statistics.median(v) for k, v in faults.items()},
@@ -357,6 +369,14 @@ def main() -> None:
         "(plain XLA convolutions)",
     )
     parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after timing, N more f32 steps of each under its profiler: ms per layer, forward "
+        "and backward, side by side (benchmarks/op_profile.py)",
+    )
+    parser.add_argument(
         "--no-torch",
         action="store_true",
         help="ours only (quick A/B of our variants; ratios vs the first one)",
@@ -381,6 +401,10 @@ def main() -> None:
         t = time.perf_counter()
         res = run_cell(cell, args)
         print_cell(cell, res, args, peak32)
+        if res["profiles"]:
+            op_profile.print_profiles(
+                *res["profiles"], res["median"]["ours f32"], res["median"]["torchvision f32"]
+            )
         print(f"cell wall time {time.perf_counter() - t:.0f} s, load average {os.getloadavg()[0]:.1f}")
         summary.append((cell, res))
         jax.clear_caches()  # one cell's executables are not needed by the next

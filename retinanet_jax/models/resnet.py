@@ -221,8 +221,8 @@ class ResNet(nn.Module):
         x = x.astype(self.dtype)
         x = conv(64, 7, 2, 3, name="conv1")(x)
         x = nn.relu(bn_out(name="bn1")(x, train))
-        # nn.max_pool pads with -inf, as torch's MaxPool2d(3, 2, padding=1).
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=_pad(1))
+        # -inf padding, as torch's MaxPool2d(3, 2, padding=1).
+        x = backends.max_pool(x, (3, 3), (2, 2), _pad(1))
         expansion = 4 if block_kind == "bottleneck" else 1
         inplanes = 64
         outs = []
