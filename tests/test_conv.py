@@ -256,6 +256,34 @@ CPU_PATH_CASES = {
             "_kernel_grad_gemm": True,
         },
     ),
+    # f32 stride-2 3x3 on an input of GEMM_STRIDED_MIN_ELEMENTS (64*64*1024: layer2.0 at
+    # 800x1216 has 4*200*304*128): forward, input gradient per phase, kernel gradient as GEMMs.
+    "gemm_f32_s2": (
+        (1, 64, 64, 1024),
+        (3, 3, 1024, 64),
+        2,
+        1,
+        jnp.float32,
+        None,
+        ("y", "dx", "dw"),
+        {
+            "_conv_rows": True,
+            "_input_grad_rows": False,
+            "_input_grad_phases": True,
+            "_kernel_grad_gemm": True,
+        },
+    ),
+    # f32 stride-1 3x3, 128 channels on a 76x76 map (layer2 at 800 px): Winograd.
+    "winograd_f32_128": (
+        (1, 76, 76, 128),
+        (3, 3, 128, 128),
+        1,
+        1,
+        jnp.float32,
+        None,
+        ("y", "dx", "dw"),
+        {"winograd": True, "_conv_rows": False, "_kernel_grad_gemm": False},
+    ),
     # f32 stride-1 3x3, 256 -> 256 channels on a 32x32 map: Winograd F(2x2, 3x3), gradients too.
     "winograd_f32": (
         (1, 32, 32, 256),
@@ -310,6 +338,37 @@ def test_each_cpu_path_is_taken_and_equals_float64_lax(case, monkeypatch):
         bf16_result = got[key].dtype == jnp.bfloat16
         assert bf16_result == (dtype == jnp.bfloat16 and key != "y")  # preferred f32 output
         _assert_close_to_rounding(got[key], ref, k, m, factor, bf16_result, f"{case} {key}")
+
+
+@pytest.mark.parametrize(
+    "x_shape, w_shape, stride, forms",
+    [
+        # float32, batch 4; the shapes of the measurements in docs/performance.md ("Per-shape forms").
+        ((4, 26, 26, 256), (3, 3, 256, 256), 1, {"winograd"}),  # P4 / layer3 at 416 px
+        ((4, 13, 13, 256), (3, 3, 256, 256), 1, set()),  # P5 at 416 px: XLA's
+        ((4, 13, 13, 512), (3, 3, 512, 512), 1, set()),  # layer4 at 416 px
+        ((4, 100, 152, 128), (3, 3, 128, 128), 1, {"winograd"}),  # layer2 at 800x1216
+        ((4, 52, 52, 128), (3, 3, 128, 128), 1, set()),  # layer2 at 416 px
+        ((4, 200, 304, 64), (3, 3, 64, 64), 1, set()),  # layer1 at 800x1216
+        ((4, 200, 304, 128), (3, 3, 128, 128), 2, {"gemm_conv"}),  # layer2.0 at 800x1216
+        ((4, 200, 304, 64), (3, 3, 64, 128), 2, {"gemm_conv"}),  # R18 layer2.0 at 800x1216
+        ((4, 25, 38, 2048), (3, 3, 2048, 256), 2, {"gemm_conv"}),  # v2 P6 at 800x1216
+        ((4, 104, 104, 64), (3, 3, 64, 128), 2, set()),  # R18 layer2.0 at 416 px
+        ((4, 52, 52, 256), (3, 3, 256, 256), 2, set()),  # layer3.0 at 416 px
+        ((4, 800, 1216, 3), (7, 7, 3, 64), 2, set()),  # the stem
+        ((4, 52, 52, 256), (3, 3, 256, 819), 1, {"winograd"}),  # COCO class conv P3
+    ],
+)
+def test_float32_shape_rules_pick_the_measured_forms(x_shape, w_shape, stride, forms):
+    x = jax.ShapeDtypeStruct(x_shape, jnp.float32)
+    strides, pads = (stride, stride), ((w_shape[0] // 2,) * 2,) * 2
+    got = {
+        "winograd": conv._use_winograd(
+            jnp.float32, x, jax.ShapeDtypeStruct(w_shape, jnp.float32), strides, pads
+        ),
+        "gemm_conv": conv._gemm_conv(jnp.float32, x_shape, w_shape, strides),
+    }
+    assert {k for k, v in got.items() if v} == forms
 
 
 def test_float32_output_args_give_the_conv_float32_operands_to_round():

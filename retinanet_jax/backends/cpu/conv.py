@@ -16,13 +16,16 @@ Why: XLA:CPU (jax 0.10) is slow on some convolution forms that torch's oneDNN ru
   natively at ~2x the f32 rate. Wide bf16 kxk convs (``_gemm_conv``) therefore run as GEMMs
   too: forward, input gradient (strided ones one GEMM per output phase) and kernel gradient.
 - Stride-1 3x3 convs with many channels on large maps (``_use_winograd``: the P3/P4 head and
-  FPN convs) run by Winograd F(2x2, 3x3) (``winograd.py``): 2.25x fewer multiplications,
-  forward and both gradients, in either dtype.
+  FPN convs, layer3, and layer2 at 800 px) run by Winograd F(2x2, 3x3) (``winograd.py``):
+  2.25x fewer multiplications, forward and both gradients, in either dtype.
+- float32 strided kxk convs on large inputs (ResNet's first 3x3 of a stage, v2's P6 at 800 px)
+  as GEMMs like bf16 ones (XLA's strided convolution falls off there).
 
 GEMMs contracting over batch*space are written as ``transpose(A) @ B`` with the transpose
 materialised: XLA:CPU sends that form to its fast matmul library (YNNPACK) but the folded
 "contract dim 0" form to a slower generic one. The forward of a float32 kxk conv outside the
-Winograd rule is lax's (bit-identical); GEMM and Winograd forms equal it to float rounding.
+Winograd and strided-GEMM rules is lax's (bit-identical); GEMM and Winograd forms equal it to
+float rounding.
 
 CPU only: this module is chosen for the CPU target by ``retinanet_jax.backends.select`` (the
 one selection point; GPU / TPU programs never trace it). Called directly it emits the CPU forms
@@ -186,43 +189,66 @@ def _kernel_grad_gemm(x, g, kernel_hw, strides, padding, precision):
 
 
 # Where Winograd beats XLA's convolution (f32) or the GEMM forms below (bf16), timed per conv
-# (forward + both gradients, batch 4, huge-page malloc, 2-core AVX-512 CPU): on 32x32 and larger
-# maps with 256+ channels (P3/P4 head and FPN convs) 1.2-2.3x faster than XLA's f32 conv and
-# torch's; on 16x16 and smaller maps no faster (tiny per-tile GEMMs), nor on 128-channel maps.
-WINOGRAD_MIN_CHANNELS = 256
-WINOGRAD_MIN_PIXELS = {jnp.dtype(jnp.float32): 32 * 32, jnp.dtype(jnp.bfloat16): 32 * 32}
+# (forward + both gradients, batch 4, 2-core AVX-512 CPU; docs/performance.md, "Per-shape forms"):
+# (min channels, min output pixels per image) pairs, a conv qualifies under any of them.
+# float32: 256+ channels from 26x26 maps on (P4 / layer3 at 416 px: 48 against 54-60 ms, at
+# 13x13 slower: 94 against 66), 128 channels from 76x76 on (layer2 at 800x1216, 100x152: 368
+# against 827 ms, XLA's convolution falls off there; at 64x64 no faster). bfloat16: 256+
+# channels from 32x32 (below that the GEMM forms).
+WINOGRAD_RULES = {
+    jnp.dtype(jnp.float32): ((256, 26 * 26), (128, 76 * 76)),
+    jnp.dtype(jnp.bfloat16): ((256, 32 * 32),),
+}
 
 
 def _use_winograd(dtype, x, w, strides, padding) -> bool:
     """CPU only: a stride-1 3x3 conv by Winograd F(2x2, 3x3) (``winograd.py``).
 
     2.25x fewer multiplications for forward, input and kernel gradient, but memory-bound
-    transforms and 16 small GEMMs per conv: used where measured faster, i.e. both channel
-    counts >= 256 and an output map of >= 32x32 pixels (elsewhere XLA's conv in float32, the
-    GEMM forms below in bfloat16).
+    transforms and 16 small GEMMs per conv: used where measured faster (``WINOGRAD_RULES``:
+    wide channels on large enough maps; elsewhere XLA's conv in float32, the GEMM forms below
+    in bfloat16).
     """
-    min_pixels = WINOGRAD_MIN_PIXELS.get(jnp.dtype(dtype))
+    rules = WINOGRAD_RULES.get(jnp.dtype(dtype), ())
     out_pixels = (x.shape[1] + sum(padding[0]) - 2) * (x.shape[2] + sum(padding[1]) - 2)
+    channels = min(w.shape[2], w.shape[3])
     return (
-        min_pixels is not None
-        and w.shape[:2] == (3, 3)
+        w.shape[:2] == (3, 3)
         and strides == (1, 1)
         and all(lo <= 1 and hi <= 1 for lo, hi in padding)
-        and min(w.shape[2], w.shape[3]) >= WINOGRAD_MIN_CHANNELS
-        and out_pixels >= min_pixels
+        and any(channels >= c and out_pixels >= p for c, p in rules)
     )
 
 
-def _gemm_conv(x_dtype, w_shape) -> bool:
-    """CPU only: a kxk bf16 conv (forward, and input gradient at stride 1) as GEMMs.
+# A float32 strided kxk conv runs as GEMMs (row-GEMM forward, input gradient per output phase,
+# GEMM kernel gradient) from this many input elements (batch * H * W * Cin) on: XLA's strided
+# convolution and its transpose fall off on large inputs (layer2.0 at 800x1216, 200x304x128:
+# 623 against 1220 ms; layer3.0 100x152x256: 465 against 731; v2's P6 on C5, 25x38x2048: 222
+# against 364) and tie below (layer3.0 / layer4.0 at 416 px, 2.8M and 1.4M elements).
+GEMM_STRIDED_MIN_ELEMENTS = 4 * 2**20
 
-    XLA:CPU runs bf16 convolutions in f32 (it converts them), but bf16 x bf16 -> f32 dots
-    natively at ~2x the f32 rate. The GEMM form pays for window copies and f32 partial sums,
-    so it is kept to convs with both channel counts >= 128 (everything but the stem and the
-    36-output regression conv; 256 instead of 128 was 2.6% slower per train step, 32 no
-    faster). float32 kxk convs always stay XLA's (as fast as f32 GEMMs or faster there).
+
+def _gemm_conv(x_dtype, x_shape, w_shape, strides) -> bool:
+    """CPU only: a kxk conv as GEMMs: forward, input gradient (stride 1: a conv of g with the
+    flipped kernel; strided: one GEMM per output phase) and kernel gradient.
+
+    bfloat16: XLA:CPU runs bf16 convolutions in f32 (it converts them), but bf16 x bf16 -> f32
+    dots natively at ~2x the f32 rate. The GEMM form pays for window copies and f32 partial
+    sums, so it is kept to convs with both channel counts >= 128 (everything but the stem and
+    the 36-output regression conv; 256 instead of 128 was 2.6% slower per train step, 32 no
+    faster). float32: strided convs with 64+ channels on inputs of
+    ``GEMM_STRIDED_MIN_ELEMENTS`` or more; other f32 kxk convs stay XLA's (stride 1: as fast
+    as the f32 GEMM forms or faster, the stem: no faster form found).
     """
-    return x_dtype == jnp.bfloat16 and min(w_shape[2], w_shape[3]) >= 128
+    channels = min(w_shape[2], w_shape[3])
+    if x_dtype == jnp.bfloat16:
+        return channels >= 128
+    return (
+        x_dtype == jnp.float32
+        and strides != (1, 1)
+        and channels >= 64
+        and x_shape[0] * x_shape[1] * x_shape[2] * x_shape[3] >= GEMM_STRIDED_MIN_ELEMENTS
+    )
 
 
 def _conv_rows(x, w, strides, padding, precision):
@@ -295,7 +321,7 @@ def _input_grad_phases(w, g, x_hw, strides, padding, precision):
 
 def _conv_cpu(x, w, strides, padding, precision, preferred):
     if not _is_1x1(w, padding):
-        if _gemm_conv(x.dtype, w.shape):
+        if _gemm_conv(x.dtype, x.shape, w.shape, strides):
             return _conv_rows(x, w, strides, padding, precision).astype(_out_dtype(x, w, preferred))
         return _lax_conv(x, w, strides, padding, precision, preferred)
     y = _dot(_strided(x, strides), w[0, 0], precision)  # [B,h,w,Cin] @ [Cin,Cout]
@@ -337,14 +363,14 @@ def _grads_cpu(x, w, g, strides, padding, precision, preferred):
         else:
             dw = _dot(_transposed(g2), x2, precision).T
         return dx, dw[None, None].astype(w.dtype)
-    gemm_conv = _gemm_conv(x.dtype, w.shape)
+    gemm_conv = _gemm_conv(x.dtype, x.shape, w.shape, strides)
     if not (gemm_conv or _gemm_kernel_grad(x.shape, w.shape, g.shape)):
         return _grads_lax(x, w, g, strides, padding, precision, preferred)
     if gemm_conv and strides == (1, 1):
         dx = _input_grad_rows(w, g, x.shape[1:3], padding, precision).astype(x.dtype)
     elif gemm_conv:
-        # bf16 stride 2 (ResNet's first 3x3 of stages 2-4, P6/P7): 1.6-1.7x faster than XLA's
-        # transposed conv, which it runs in f32.
+        # Stride 2 (ResNet's first 3x3 of stages 2-4, P6/P7): bf16 1.6-1.7x faster than XLA's
+        # transposed conv, which it runs in f32; large f32 ones, see GEMM_STRIDED_MIN_ELEMENTS.
         dx = _input_grad_phases(w, g, x.shape[1:3], strides, padding, precision).astype(x.dtype)
     else:
         # Input gradient: lax's transpose rule. jax.vjp re-traces the forward, which XLA
