@@ -371,6 +371,27 @@ def test_float32_shape_rules_pick_the_measured_forms(x_shape, w_shape, stride, f
     assert {k for k, v in got.items() if v} == forms
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the GEMM paths are CPU-only")
+def test_float32_strided_gemm_conv_forward_alone_stays_xla(monkeypatch):
+    """The large float32 strided conv of ``gemm_f32_s2`` takes the row-GEMM forward only under
+    differentiation (training); its forward alone (inference) is XLA's convolution, which is
+    faster there, and bit-identical to lax's."""
+    counts = _count_paths(monkeypatch)
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 64, 64, 1024)), jnp.float32)
+    w = jnp.asarray(np.random.default_rng(2).normal(size=(3, 3, 1024, 64)), jnp.float32)
+
+    def f(x, w):
+        return conv.conv_general_dilated(x, w, (2, 2), ((1, 1), (1, 1)), dimension_numbers=NHWC)
+
+    np.testing.assert_array_equal(
+        jax.jit(f)(x, w),
+        jax.jit(lambda x, w: conv._lax_conv(x, w, (2, 2), ((1, 1), (1, 1)), None, None))(x, w),
+    )
+    assert counts["_conv_rows"] == 0
+    jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w)), (0, 1))).lower(x, w)
+    assert counts["_conv_rows"] == 1
+
+
 def test_float32_output_args_give_the_conv_float32_operands_to_round():
     """Under ``float32_output_args(bf16)`` nn.Conv hands its f32 kernel (and an f32 input) to the
     conv, which rounds them for the products: a Winograd-sized conv rounds its transforms once
