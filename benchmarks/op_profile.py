@@ -54,6 +54,19 @@ def _label(op_name: str) -> str:
     return "other"
 
 
+class _Instr:
+    """One HLO instruction of a compiled module's text. (A plain class: the tests load this
+    file by path, outside sys.modules, where a dataclass's annotations cannot be resolved.)"""
+
+    __slots__ = ("shape", "op_name", "calls", "args")
+
+    def __init__(self, shape: str, op_name: str | None, calls: str | None, args: list[str]):
+        self.shape = shape
+        self.op_name = op_name  # from its metadata; filled in below where XLA dropped it
+        self.calls = calls  # the computation it calls (fusions, reduce-windows), if any
+        self.args = args  # operand instruction names
+
+
 def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
     """Instruction name -> (result shape, source ``op_name``) from a compiled module's
     ``as_text()``. XLA drops the metadata of some instructions (kernel-gradient convolutions,
@@ -78,13 +91,13 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
         if o and comp is not None and "transpose(" not in comp_op.get(comp, ""):
             comp_op[comp] = o.group(1)  # the first op_name, or the first of the backward's
         args = re.findall(r"%([\w.\-]+)", rest.split(", calls=")[0].split(", metadata=")[0])
-        rows[name] = [shape, o.group(1) if o else None, c.group(1) if c else None, args]
+        rows[name] = _Instr(shape, o.group(1) if o else None, c.group(1) if c else None, args)
     for row in rows.values():
-        if row[1] is None and row[2] is not None:
-            row[1] = comp_op.get(row[2])
+        if row.op_name is None and row.calls is not None:
+            row.op_name = comp_op.get(row.calls)
     users = collections.defaultdict(list)
     for name, row in rows.items():
-        for a in row[3]:
+        for a in row.args:
             users[a].append(name)
 
     def rank(o: str) -> int:  # the model's scopes name the layer; prefer them
@@ -95,7 +108,7 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
         for _ in range(4):  # a few hops through data movement (copies, transposes, pads)
             frontier = [a for n in frontier for a in links(n) if a in rows and a not in seen]
             seen.update(frontier)
-            found = [rows[a][1] for a in frontier if rows[a][1]]
+            found = [rows[a].op_name for a in frontier if rows[a].op_name]
             if found:
                 best = min(found, key=rank)
                 # Reading a cotangent makes it part of the backward, whichever scope names it.
@@ -104,10 +117,10 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
         return None
 
     resolved = {
-        name: row[1] or nearest(name, lambda n: rows[n][3]) or nearest(name, lambda n: users[n])
+        name: row.op_name or nearest(name, lambda n: rows[n].args) or nearest(name, lambda n: users[n])
         for name, row in rows.items()
     }
-    return {name: (row[0], resolved[name] or "") for name, row in rows.items()}
+    return {name: (row.shape, resolved[name] or "") for name, row in rows.items()}
 
 
 def direction(op_name: str) -> str:

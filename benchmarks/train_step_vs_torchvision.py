@@ -409,7 +409,8 @@ def main() -> None:
         summary.append((cell, res))
         jax.clear_caches()  # one cell's executables are not needed by the next
         gc.collect()
-        print(f"model FLOPs per step (XLA cost analysis, f32): {res['flops']['f32'] / 1e9:.1f} G")
+        # flush: piped output is block-buffered, and a matrix runs for an hour
+        print(f"model FLOPs per step (XLA cost analysis, f32): {res['flops']['f32'] / 1e9:.1f} G", flush=True)
 
     if len(summary) > 1:
         names = [label for label in summary[0][1]["labels"] if label.startswith("ours")]
