@@ -1,7 +1,7 @@
 """End-to-end prediction speed: retinanet_jax.Predictor vs torchvision's model(images), same weights.
 
     python benchmarks/predict_vs_torchvision.py [--quick] [--full] [--variant v1]
-        [--xla-flags "--xla_cpu_use_onednn=true"] [--sweep] [--dtype-ablation]
+        [--xla-flags "--xla_cpu_use_onednn=true"] [--sweep] [--dtype-ablation] [--forms-ablation]
 
 Both frameworks start from uint8 HxWx3 images (torchvision: to_tensor-equivalent conversion is
 timed too) and end with boxes in original pixels. Images are sized so that torchvision resizes
@@ -12,6 +12,10 @@ per XLA CPU flag set, and prints a table. XLA flags must be set before jax start
 ``--xla-flags`` option (added to XLA_FLAGS) rather than a runtime switch. ``--dtype-ablation``
 times bf16 prediction with the ResNet body, the FPN or the heads kept in f32 (same weights) and
 prints each one's match with our f32 detections (batch 1; ours only, interleaved).
+``--forms-ablation`` times the jitted detector (forward + postprocess, batch 1, f32 and bf16)
+with every CPU convolution form, with none (``lax``) and with every form but one
+(``retinanet_jax.backends.cpu.conv.MODES``), interleaved, next to torchvision's model on the
+same canvas: what each form is worth in prediction on this machine.
 """
 
 from __future__ import annotations
@@ -60,6 +64,11 @@ def parse_args(argv=None):
         "--dtype-ablation",
         action="store_true",
         help="bf16 with some parts in f32 (ResNet body / FPN / heads): time and bf16=f32 match",
+    )
+    p.add_argument(
+        "--forms-ablation",
+        action="store_true",
+        help="the detector with each CPU conv form switched off in turn (conv.MODES), vs torchvision",
     )
     p.add_argument(
         "--conv-micro",
@@ -422,6 +431,65 @@ def dtype_ablation(args):
             )
 
 
+def forms_ablation(args):
+    """The jitted detector (forward + postprocess) of one canvas per conv mode, interleaved with
+    torchvision's model on the same normalized canvas (its transform keeps the size): ms and
+    time relative to every form on ("auto"). Batch 1, f32 and bf16 (torch autocast)."""
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    sys.path.insert(0, ROOT)
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    from retinanet_jax.backends.cpu import conv
+    from retinanet_jax.inference.detector import DetectorOptions, detect
+    from retinanet_jax.ops import anchors as anchors_lib
+    from tests.tv_utils import make_jax_from_tv
+
+    torch.set_num_threads(args.threads)
+    tv, model, variables = make_jax_from_tv(args.variant)
+    repeats = args.repeats or 5
+    print("| canvas | dtype | variant | ms | vs every form |")
+    print("|---|---|---|---|---|")
+    for name in ["512", "800x1216"] if not args.cases else [c.split(":")[0] for c in args.cases.split(",")]:
+        (h, w), _, _ = CASES[name]
+        canvas = (2 * h, 2 * w)  # what the case's images are resized to
+        tv.transform.min_size, tv.transform.max_size = (min(canvas),), max(canvas)
+        image = np.random.default_rng(0).random((1, *canvas, 3), np.float32)
+        sizes = jnp.asarray([canvas], jnp.int32)
+        anchors = jnp.asarray(anchors_lib.anchors_for_model(model, canvas))
+        for dtype in ["f32"] + ([] if args.no_bf16 else ["bf16"]):
+            m = model if dtype == "f32" else model.clone(dtype=jnp.bfloat16)
+            runs = {}
+            for mode in conv.MODES:
+                # A jit of its own per mode: jit's cache does not see the (trace-time) mode.
+                fn = jax.jit(lambda v, x, s, a, m=m: detect(m, v, x, s, a, DetectorOptions()))
+                args_ = (variables, image, sizes, anchors)
+                with conv.implementation(mode):
+                    jax.block_until_ready(fn(*args_))  # compiles
+                runs[f"ours {mode}"] = lambda fn=fn, a=args_: jax.block_until_ready(fn(*a))
+            x = torch.from_numpy(image[0]).permute(2, 0, 1).contiguous()
+
+            def tv_run(bf16=dtype == "bf16"):
+                with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+                    tv([x])
+
+            runs["torchvision"] = tv_run
+            tv_run()  # warm-up
+            times = {k: [] for k in runs}
+            for _ in range(repeats):  # interleaved
+                for k, fn in runs.items():
+                    t = time.perf_counter()
+                    fn()
+                    times[k].append(time.perf_counter() - t)
+            base = median(times["ours auto"])
+            for k, ts in times.items():
+                t = median(ts)
+                row = f"| {canvas[0]}x{canvas[1]} | {dtype} | {k} | {1e3 * t:.0f} | {t / base:.2f} |"
+                print(row, flush=True)
+
+
 def print_table(peak, results):
     print(
         "\nratio = ours / torchvision end to end (medians of interleaved runs); peak = f32 jnp.dot "
@@ -565,6 +633,8 @@ def main(argv=None):
         return conv_micro(args)
     if args.dtype_ablation:
         return dtype_ablation(args)
+    if args.forms_ablation:
+        return forms_ablation(args)
     t0 = time.time()
     peak, results = run(args)
     if args.json:

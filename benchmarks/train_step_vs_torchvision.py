@@ -366,7 +366,7 @@ def main() -> None:
         "--also-modes",
         default="",
         help="comma-separated retinanet_jax.backends.cpu.conv modes to time as well: lax "
-        "(plain XLA convolutions)",
+        "(plain XLA convolutions), no-winograd, no-1x1, no-gemm (every CPU form but that one)",
     )
     parser.add_argument(
         "--profile",

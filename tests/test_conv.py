@@ -392,6 +392,36 @@ def test_float32_strided_gemm_conv_forward_alone_stays_xla(monkeypatch):
     assert counts["_conv_rows"] == 1
 
 
+@pytest.mark.parametrize("mode", conv.MODES)
+def test_each_ablation_mode_removes_exactly_its_form(mode, monkeypatch):
+    """``implementation("no-<form>")`` traces every CPU form but that one ("lax": none), so
+    that the benchmarks' ``--also-modes`` measure what each form is worth in a whole step."""
+    counts = _count_paths(monkeypatch)
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    gemm = ("_conv_rows", "_input_grad_rows", "_input_grad_phases", "_kernel_grad_gemm")
+    cases = [  # form, the functions it traces, x shape, kernel shape, stride, dtype
+        ("1x1", ("_dot",), (2, 8, 8, 16), (1, 1, 16, 32), 1, f32),
+        ("winograd", ("winograd",), (1, 26, 26, 256), (3, 3, 256, 256), 1, f32),
+        ("gemm", gemm[:2] + gemm[3:], (2, 8, 8, 128), (3, 3, 128, 128), 1, bf16),
+        ("gemm", gemm[2:], (2, 8, 8, 128), (3, 3, 128, 128), 2, bf16),
+    ]
+    taken = set()
+    for form, names, x_shape, w_shape, s, dtype in cases:
+        pad = ((w_shape[0] // 2,) * 2,) * 2
+
+        def loss(x, w, s=s, pad=pad):
+            y = conv.conv_general_dilated(x, w, (s, s), pad, dimension_numbers=NHWC)
+            return jnp.sum(y.astype(f32) ** 2)
+
+        counts.update(dict.fromkeys(counts, 0))
+        x, w = jax.ShapeDtypeStruct(x_shape, dtype), jax.ShapeDtypeStruct(w_shape, dtype)
+        with conv.implementation(mode):
+            jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w)
+        assert all(counts[n] > 0 for n in names) or not any(counts[n] > 0 for n in names), counts
+        taken |= {form} if counts[names[0]] > 0 else set()
+    assert taken == (set() if mode == "lax" else {"1x1", "winograd", "gemm"} - {mode[3:]})
+
+
 def test_float32_output_args_give_the_conv_float32_operands_to_round():
     """Under ``float32_output_args(bf16)`` nn.Conv hands its f32 kernel (and an f32 input) to the
     conv, which rounds them for the products: a Winograd-sized conv rounds its transforms once

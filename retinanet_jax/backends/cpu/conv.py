@@ -34,7 +34,8 @@ whatever the platform. Use with Flax via the selection point,
 ``nn.Conv(..., conv_general_dilated=retinanet_jax.backends.cpu.conv.conv_general_dilated)``.
 Anything but an NHWC/HWIO, undilated, ungrouped conv with explicit padding falls back to
 ``lax.conv_general_dilated`` unchanged; ``with conv.implementation("lax"):`` does so for every
-conv traced inside (for benchmarks and A/B tests).
+conv traced inside (for benchmarks and A/B tests), ``"no-winograd"``, ``"no-1x1"`` and
+``"no-gemm"`` leave out one form (per-form ablations: is each still worth it on a machine?).
 """
 
 from __future__ import annotations
@@ -54,14 +55,19 @@ from retinanet_jax.backends.cpu import winograd
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _MODE = contextvars.ContextVar("retinanet_jax_conv_mode", default="auto")
 _FAST = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the dtypes the CPU forms are for
-MODES = ("auto", "lax")
+# "auto": every form below where its rule applies; "lax": none (plain lax); "no-<form>": every
+# form but one, for per-form ablations (``--also-modes`` of the benchmarks): "winograd"
+# (``_use_winograd``), "1x1" (1x1 convs as GEMMs), "gemm" (kxk convs and kernel gradients as
+# GEMMs: ``_gemm_conv``, ``_gemm_kernel_grad``).
+MODES = ("auto", "lax", "no-winograd", "no-1x1", "no-gemm")
 
 
 @contextlib.contextmanager
 def implementation(mode: str) -> Iterator[None]:
     """Trace-time switch: "auto" (default: on CPU, Winograd for wide stride-1 3x3 convs and
-    GEMM paths where they pay off) or "lax" (plain ``lax.conv_general_dilated``). Only
-    affects functions *traced* inside."""
+    GEMM paths where they pay off), "lax" (plain ``lax.conv_general_dilated``), or
+    "no-winograd" / "no-1x1" / "no-gemm" (every form but that one: ``MODES``). Only affects
+    functions *traced* inside."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     token = _MODE.set(mode)
@@ -319,7 +325,7 @@ def _input_grad_phases(w, g, x_hw, strides, padding, precision):
     return dx[:, : x_hw[0], : x_hw[1]]
 
 
-def _conv_cpu(x, w, strides, padding, precision, preferred, differentiated=False):
+def _conv_cpu(x, w, strides, padding, precision, preferred, gemm, differentiated=False):
     if not _is_1x1(w, padding):
         # A float32 GEMM conv (strided, large) takes the row-GEMM forward only in a program that
         # also takes its gradient (``_conv_fwd``): there its row windows are shared with the
@@ -327,7 +333,7 @@ def _conv_cpu(x, w, strides, padding, precision, preferred, differentiated=False
         # against 1006 / 801 ms with XLA's forward); alone (inference) XLA's strided forward is
         # 1.1-2.3x faster than the row GEMMs. bf16: always (XLA runs bf16 convs in f32).
         gemm_forward = x.dtype != jnp.float32 or differentiated
-        if gemm_forward and _gemm_conv(x.dtype, x.shape, w.shape, strides):
+        if gemm and gemm_forward and _gemm_conv(x.dtype, x.shape, w.shape, strides):
             return _conv_rows(x, w, strides, padding, precision).astype(_out_dtype(x, w, preferred))
         return _lax_conv(x, w, strides, padding, precision, preferred)
     y = _dot(_strided(x, strides), w[0, 0], precision)  # [B,h,w,Cin] @ [Cin,Cout]
@@ -344,7 +350,7 @@ def _grads_lax(x, w, g, strides, padding, precision, preferred):
     return vjp(g)
 
 
-def _grads_cpu(x, w, g, strides, padding, precision, preferred):
+def _grads_cpu(x, w, g, strides, padding, precision, preferred, gemm):
     g = g.astype(x.dtype)
     if _is_1x1(w, padding):
         xs = _strided(x, strides)
@@ -369,8 +375,8 @@ def _grads_cpu(x, w, g, strides, padding, precision, preferred):
         else:
             dw = _dot(_transposed(g2), x2, precision).T
         return dx, dw[None, None].astype(w.dtype)
-    gemm_conv = _gemm_conv(x.dtype, x.shape, w.shape, strides)
-    if not (gemm_conv or _gemm_kernel_grad(x.shape, w.shape, g.shape)):
+    gemm_conv = gemm and _gemm_conv(x.dtype, x.shape, w.shape, strides)
+    if not (gemm_conv or (gemm and _gemm_kernel_grad(x.shape, w.shape, g.shape))):
         return _grads_lax(x, w, g, strides, padding, precision, preferred)
     if gemm_conv and strides == (1, 1):
         dx = _input_grad_rows(w, g, x.shape[1:3], padding, precision).astype(x.dtype)
@@ -401,19 +407,22 @@ def _plain(
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
-def _conv(x, w, strides, padding, precision, preferred):
-    return _conv_cpu(x, w, strides, padding, precision, preferred)
+# ``gemm``: whether the kxk GEMM forms may be used (False in mode "no-gemm"; a static argument,
+# decided when the forward is traced, so the backward agrees with it).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5, 6))
+def _conv(x, w, strides, padding, precision, preferred, gemm):
+    return _conv_cpu(x, w, strides, padding, precision, preferred, gemm)
 
 
-def _conv_fwd(x, w, strides, padding, precision, preferred):
+def _conv_fwd(x, w, strides, padding, precision, preferred, gemm):
     # Only under differentiation (jax.custom_vjp); an undifferentiated call runs ``_conv``.
-    return _conv_cpu(x, w, strides, padding, precision, preferred, differentiated=True), (x, w)
+    out = _conv_cpu(x, w, strides, padding, precision, preferred, gemm, differentiated=True)
+    return out, (x, w)
 
 
-def _conv_bwd(strides, padding, precision, preferred, res, g):
+def _conv_bwd(strides, padding, precision, preferred, gemm, res, g):
     x, w = res
-    return _grads_cpu(x, w, g, strides, padding, precision, preferred)
+    return _grads_cpu(x, w, g, strides, padding, precision, preferred, gemm)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
@@ -454,9 +463,13 @@ def conv_general_dilated(
     # The forms here are speed paths for float32 / bfloat16; any other dtype (float64: the
     # multi-device equality tests) gets lax's convolution.
     plain = plain and jnp.dtype(cd if cd is not None else jnp.result_type(lhs, rhs)) in _FAST
-    if plain and _MODE.get() == "auto":
+    mode = _MODE.get()
+    if plain:
         strides = tuple(int(s) for s in window_strides)
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+        # An ablation mode without 1x1 GEMMs sends 1x1 convs to lax like "lax" does.
+        plain = not (mode == "no-1x1" and _is_1x1(rhs, pads))
+    if plain and mode in ("auto", "no-1x1", "no-gemm"):
         if _use_winograd(cd if cd is not None else jnp.result_type(lhs, rhs), lhs, rhs, strides, pads):
             # Its gradients are Winograd-form GEMMs too (see winograd.py), so no _conv custom_vjp.
             return winograd.conv3x3(
@@ -469,7 +482,7 @@ def conv_general_dilated(
             )
     if cd is not None:
         lhs, rhs = lhs.astype(cd), rhs.astype(cd)
-    if not plain or _MODE.get() == "lax":
+    if not plain or mode == "lax":
         return lax.conv_general_dilated(
             lhs,
             rhs,
@@ -483,9 +496,7 @@ def conv_general_dilated(
             precision,
             preferred_element_type,
         )
-    strides = tuple(int(s) for s in window_strides)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    return _conv(lhs, rhs, strides, pads, precision, preferred_element_type)
+    return _conv(lhs, rhs, strides, pads, precision, preferred_element_type, mode != "no-gemm")
 
 
 def _promote_none(inputs, kernel, bias, dtype=None):
