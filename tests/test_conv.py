@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from jax import lax
 
+from retinanet_jax.backends import select
 from retinanet_jax.backends.cpu import conv, winograd
+from retinanet_jax.backends.cpu import pool as cpu_pool
 
 NHWC = ("NHWC", "HWIO", "NHWC")
 
@@ -392,6 +394,7 @@ def test_float32_strided_gemm_conv_forward_alone_stays_xla(monkeypatch):
     assert counts["_conv_rows"] == 1
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the forms are chosen for the CPU target")
 @pytest.mark.parametrize("mode", conv.MODES)
 def test_each_ablation_mode_removes_exactly_its_form(mode, monkeypatch):
     """``implementation("no-<form>")`` traces every CPU form but that one ("lax": none), so
@@ -419,7 +422,13 @@ def test_each_ablation_mode_removes_exactly_its_form(mode, monkeypatch):
             jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, w)
         assert all(counts[n] > 0 for n in names) or not any(counts[n] > 0 for n in names), counts
         taken |= {form} if counts[names[0]] > 0 else set()
-    assert taken == (set() if mode == "lax" else {"1x1", "winograd", "gemm"} - {mode[3:]})
+    pools, real_pool = [], cpu_pool.max_pool
+    monkeypatch.setattr(cpu_pool, "max_pool", lambda *a: pools.append(a) or real_pool(*a))
+    x = jax.ShapeDtypeStruct((2, 16, 16, 8), f32)
+    with conv.implementation(mode):
+        jax.make_jaxpr(jax.grad(lambda x: jnp.sum(select.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1))))))(x)
+    taken |= {"pool"} if pools else set()
+    assert taken == (set() if mode == "lax" else {"1x1", "winograd", "gemm", "pool"} - {mode[3:]})
 
 
 def test_float32_output_args_give_the_conv_float32_operands_to_round():

@@ -166,9 +166,10 @@ def max_pool(
 ) -> jax.Array:
     """``nn.max_pool`` (-inf padding, as torch's ``MaxPool2d``) for the target platform on NHWC
     ``x: [B, H, W, C]``. CPU: ``backends.cpu.pool.max_pool`` (same values and gradient, a
-    backward XLA:CPU runs 2-2.5x faster), in :data:`CPU_SCOPE`. GPU / TPU: ``lax.reduce_window``
-    and jax's own gradient."""
-    if is_cpu():
+    backward XLA:CPU runs 2-2.5x faster), in :data:`CPU_SCOPE`, except in the ablation modes
+    "lax" and "no-pool" of ``cpu.conv.implementation``. GPU / TPU: ``lax.reduce_window`` and
+    jax's own gradient."""
+    if is_cpu() and cpu_conv.mode() not in ("lax", "no-pool"):
         with jax.named_scope(CPU_SCOPE):
             return cpu_pool.max_pool(x, window, strides, padding)
     return lax.reduce_window(

@@ -34,8 +34,9 @@ whatever the platform. Use with Flax via the selection point,
 ``nn.Conv(..., conv_general_dilated=retinanet_jax.backends.cpu.conv.conv_general_dilated)``.
 Anything but an NHWC/HWIO, undilated, ungrouped conv with explicit padding falls back to
 ``lax.conv_general_dilated`` unchanged; ``with conv.implementation("lax"):`` does so for every
-conv traced inside (for benchmarks and A/B tests), ``"no-winograd"``, ``"no-1x1"`` and
-``"no-gemm"`` leave out one form (per-form ablations: is each still worth it on a machine?).
+conv traced inside (for benchmarks and A/B tests), ``"no-winograd"``, ``"no-1x1"``,
+``"no-gemm"`` and ``"no-pool"`` leave out one CPU form (per-form ablations: is each still worth
+it on a machine?).
 """
 
 from __future__ import annotations
@@ -55,19 +56,20 @@ from retinanet_jax.backends.cpu import winograd
 _NHWC = ("NHWC", "HWIO", "NHWC")
 _MODE = contextvars.ContextVar("retinanet_jax_conv_mode", default="auto")
 _FAST = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the dtypes the CPU forms are for
-# "auto": every form below where its rule applies; "lax": none (plain lax); "no-<form>": every
+# "auto": every CPU form where its rule applies; "lax": none (plain lax); "no-<form>": every
 # form but one, for per-form ablations (``--also-modes`` of the benchmarks): "winograd"
 # (``_use_winograd``), "1x1" (1x1 convs as GEMMs), "gemm" (kxk convs and kernel gradients as
-# GEMMs: ``_gemm_conv``, ``_gemm_kernel_grad``).
-MODES = ("auto", "lax", "no-winograd", "no-1x1", "no-gemm")
+# GEMMs: ``_gemm_conv``, ``_gemm_kernel_grad``), "pool" (the stem max pool's backward,
+# ``pool.py``: ``backends.select`` reads the mode for it).
+MODES = ("auto", "lax", "no-winograd", "no-1x1", "no-gemm", "no-pool")
 
 
 @contextlib.contextmanager
 def implementation(mode: str) -> Iterator[None]:
     """Trace-time switch: "auto" (default: on CPU, Winograd for wide stride-1 3x3 convs and
     GEMM paths where they pay off), "lax" (plain ``lax.conv_general_dilated``), or
-    "no-winograd" / "no-1x1" / "no-gemm" (every form but that one: ``MODES``). Only affects
-    functions *traced* inside."""
+    "no-winograd" / "no-1x1" / "no-gemm" / "no-pool" (every form but that one: ``MODES``).
+    Only affects functions *traced* inside."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     token = _MODE.set(mode)
@@ -75,6 +77,11 @@ def implementation(mode: str) -> Iterator[None]:
         yield
     finally:
         _MODE.reset(token)
+
+
+def mode() -> str:
+    """The :func:`implementation` mode in force ("auto" outside any), read at trace time."""
+    return _MODE.get()
 
 
 def _is_nhwc(dimension_numbers: Any, lhs_ndim: int) -> bool:
@@ -469,7 +476,7 @@ def conv_general_dilated(
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
         # An ablation mode without 1x1 GEMMs sends 1x1 convs to lax like "lax" does.
         plain = not (mode == "no-1x1" and _is_1x1(rhs, pads))
-    if plain and mode in ("auto", "no-1x1", "no-gemm"):
+    if plain and mode not in ("lax", "no-winograd"):
         if _use_winograd(cd if cd is not None else jnp.result_type(lhs, rhs), lhs, rhs, strides, pads):
             # Its gradients are Winograd-form GEMMs too (see winograd.py), so no _conv custom_vjp.
             return winograd.conv3x3(
