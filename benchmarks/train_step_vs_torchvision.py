@@ -30,6 +30,8 @@ per flag set to compare them.
     PYTHONPATH=. python benchmarks/train_step_vs_torchvision.py [--reps 5] [--batch 4]
         [--cell r50,frozen3,v1,512] [--also-modes lax] [--no-torch] [--no-bf16]
         [--profile 3]   (then ms per layer, forward and backward, ours vs torchvision)
+    # what each CPU form is worth: ours again with every form but one (conv.MODES)
+        --also-modes lax,no-winograd,no-1x1,no-gemm,no-pool
     # the matrix of issue 17: {r18,r50} x {frozen3,train5} x {v1,v2} x {400,800x1216}, f32
     PYTHONPATH=. python benchmarks/train_step_vs_torchvision.py --matrix --no-bf16 --reps 3 \\
         --classes 1 --boxes 20 --max-boxes 128 --box-px 10 40
