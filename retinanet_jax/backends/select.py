@@ -169,7 +169,7 @@ def max_pool(
     backward XLA:CPU runs 2-2.5x faster), in :data:`CPU_SCOPE`, except in the ablation modes
     "lax" and "no-pool" of ``cpu.conv.implementation``. GPU / TPU: ``lax.reduce_window`` and
     jax's own gradient."""
-    if is_cpu() and cpu_conv.mode() not in ("lax", "no-pool"):
+    if is_cpu() and cpu_conv.form_enabled("pool"):
         with jax.named_scope(CPU_SCOPE):
             return cpu_pool.max_pool(x, window, strides, padding)
     return lax.reduce_window(

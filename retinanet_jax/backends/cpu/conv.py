@@ -60,7 +60,7 @@ _FAST = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))  # the dtypes the CPU 
 # form but one, for per-form ablations (``--also-modes`` of the benchmarks): "winograd"
 # (``_use_winograd``), "1x1" (1x1 convs as GEMMs), "gemm" (kxk convs and kernel gradients as
 # GEMMs: ``_gemm_conv``, ``_gemm_kernel_grad``), "pool" (the stem max pool's backward,
-# ``pool.py``: ``backends.select`` reads the mode for it).
+# ``pool.py``: ``backends.select`` asks :func:`form_enabled`).
 MODES = ("auto", "lax", "no-winograd", "no-1x1", "no-gemm", "no-pool")
 
 
@@ -79,9 +79,12 @@ def implementation(mode: str) -> Iterator[None]:
         _MODE.reset(token)
 
 
-def mode() -> str:
-    """The :func:`implementation` mode in force ("auto" outside any), read at trace time."""
-    return _MODE.get()
+def form_enabled(form: str) -> bool:
+    """Whether the CPU form ``form`` ("winograd", "1x1", "gemm", "pool") may be traced under the
+    :func:`implementation` mode in force: every form in "auto", none in "lax", all but ``form``
+    in "no-<form>". Read at trace time."""
+    mode = _MODE.get()
+    return mode != "lax" and mode != f"no-{form}"
 
 
 def _is_nhwc(dimension_numbers: Any, lhs_ndim: int) -> bool:
@@ -470,13 +473,11 @@ def conv_general_dilated(
     # The forms here are speed paths for float32 / bfloat16; any other dtype (float64: the
     # multi-device equality tests) gets lax's convolution.
     plain = plain and jnp.dtype(cd if cd is not None else jnp.result_type(lhs, rhs)) in _FAST
-    mode = _MODE.get()
     if plain:
         strides = tuple(int(s) for s in window_strides)
         pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-        # An ablation mode without 1x1 GEMMs sends 1x1 convs to lax like "lax" does.
-        plain = not (mode == "no-1x1" and _is_1x1(rhs, pads))
-    if plain and mode not in ("lax", "no-winograd"):
+        plain = form_enabled("1x1") or not _is_1x1(rhs, pads)
+    if plain and form_enabled("winograd"):
         if _use_winograd(cd if cd is not None else jnp.result_type(lhs, rhs), lhs, rhs, strides, pads):
             # Its gradients are Winograd-form GEMMs too (see winograd.py), so no _conv custom_vjp.
             return winograd.conv3x3(
@@ -489,7 +490,7 @@ def conv_general_dilated(
             )
     if cd is not None:
         lhs, rhs = lhs.astype(cd), rhs.astype(cd)
-    if not plain or mode == "lax":
+    if not plain or _MODE.get() == "lax":
         return lax.conv_general_dilated(
             lhs,
             rhs,
@@ -503,7 +504,7 @@ def conv_general_dilated(
             precision,
             preferred_element_type,
         )
-    return _conv(lhs, rhs, strides, pads, precision, preferred_element_type, mode != "no-gemm")
+    return _conv(lhs, rhs, strides, pads, precision, preferred_element_type, form_enabled("gemm"))
 
 
 def _promote_none(inputs, kernel, bias, dtype=None):
